@@ -78,7 +78,7 @@ else:
 # run, beside zeroing the stream at the same positions (for scale).
 
 # %%
-pd.DataFrame(result["splice"]).T if result.get("splice") else "splice-in skipped (analysis.splice_seqs: 0)"
+pd.DataFrame(result["splice"]).T if result.get("splice") else "splice-in skipped (analysis.splice_seqs: 0, or another seed of the main crosscoder)"
 
 # %% [markdown]
 # ## Canonical correlations between the two decoders
@@ -115,10 +115,12 @@ if "other_model_ratio" in scaling:
 
 # %%
 names = analysis.sibling_points(run, layer)
-if len(names) > 1:
+if len(names) > 1 and layer == pipeline.point(run, layer).label:  # once per layer, at its main point
     hists, rows = analysis.compare_points(run, names, data)
     display(figures.relative_norm_histograms(hists, name_a=pipeline.display_name(run.model_a),
                                              name_b=pipeline.display_name(run.model_b)))
     display(pd.DataFrame(rows))
+elif len(names) > 1:
+    print(f"side by side in the notebook of the layer's main crosscoder, {pipeline.point(run, layer).label}")
 else:
     print("one crosscoder at this layer")

@@ -245,27 +245,37 @@ def test_norm_factor_gives_mean_norm_sqrt_d(paired_stores) -> None:
     assert store_a.norm_factor(3) == pytest.approx(expected, rel=1e-5)
 
 
-def test_paired_eval_split_holds_out_whole_sequences(paired_stores) -> None:
+def test_paired_eval_split_holds_out_whole_sequences_spread_over_the_corpus(paired_stores) -> None:
     store_a, store_b = paired_stores
     pair = activations.PairedActivations(store_a, store_b, layer_a=1, layer_b=2, eval_fraction=0.3,
                                          max_norm_ratio=None)
     seq_ptr = store_a.seq_ptr().tolist()
-    assert pair.n_train == seq_ptr[7]  # 3 of 10 sequences held out
     seq_of_row = np.searchsorted(seq_ptr, np.arange(pair.n_tokens), side="right") - 1
     eval_idx = pair.eval_indices()
-    assert eval_idx.tolist() == list(range(pair.n_train, pair.n_tokens))
-    train_seqs, eval_seqs = set(seq_of_row[: pair.n_train]), set(seq_of_row[eval_idx])
+    train_seqs, eval_seqs = set(seq_of_row[pair.train_rows]), set(seq_of_row[eval_idx])
+    assert eval_seqs == {1, 5, 8}  # 3 of 10 sequences, evenly spread, not the tail
     assert not train_seqs & eval_seqs and train_seqs | eval_seqs == set(range(10))
+    assert pair.n_train + len(eval_idx) == pair.n_tokens
     thin = pair.eval_indices(max_tokens=5)
-    assert len(thin) == 5 and thin[0] == pair.n_train and thin[-1] == pair.n_tokens - 1
+    assert len(thin) == 5 and thin[0] == eval_idx[0] and thin[-1] == eval_idx[-1]
     assert set(thin) <= set(eval_idx)
+
+
+def test_eval_sequences_counts_and_spread() -> None:
+    for n, frac in [(10, 0.1), (10, 0.3), (1000, 0.1), (7, 0.5), (3, 0.01)]:
+        held = activations.eval_sequences(n, frac)
+        assert held.sum() == max(1, round(n * frac))
+    held = np.flatnonzero(activations.eval_sequences(1000, 0.1))
+    assert held.min() < 10 and held.max() > 990 and set(np.diff(held)) == {10}
 
 
 def test_paired_eval_keeps_at_least_one_sequence(paired_stores) -> None:
     store_a, store_b = paired_stores
     pair = activations.PairedActivations(store_a, store_b, layer_a=1, layer_b=2, eval_fraction=0.01,
                                          max_norm_ratio=None)
-    assert pair.n_train == store_a.seq_ptr().tolist()[9]
+    seq_ptr = store_a.seq_ptr().tolist()
+    held = np.flatnonzero(activations.eval_sequences(10, 0.01))
+    assert len(held) == 1 and pair.n_train == pair.n_tokens - (seq_ptr[held[0] + 1] - seq_ptr[held[0]])
 
 
 def test_paired_rows_with_massive_norms_are_left_out(paired_stores, tmp_path) -> None:
@@ -273,7 +283,8 @@ def test_paired_rows_with_massive_norms_are_left_out(paired_stores, tmp_path) ->
     store_a, store_b = paired_stores
     copy_dir = tmp_path / "store_b"
     shutil.copytree(store_b.directory, copy_dir)
-    planted = [3, store_b.n_tokens - 2]  # one training row, one evaluation row
+    split = activations.PairedActivations(store_a, store_b, layer_a=1, layer_b=2, eval_fraction=0.3)
+    planted = [int(split.train_rows[1]), int(split.eval_rows[-2])]  # one training row, one evaluation row
     rows = np.memmap(activations.layer_file(copy_dir, 2), dtype=np.uint16, mode="r+",
                      shape=(store_b.n_tokens, store_b.d_model))
     rows[planted] = torch.full((store_b.d_model,), 1000.0, dtype=torch.bfloat16).view(torch.int16).numpy()

@@ -193,6 +193,34 @@ def test_permutation_null_of_identical_decoders_is_far_below_one():
     assert M.permutation_null_alignment(W, W, n_perm=4, seed=1)["values"] != null["values"]
 
 
+def test_permutation_null_sharedness_separates_paired_norms_from_random_pairing():
+    gen = torch.Generator().manual_seed(3)
+    scale = torch.exp(2.0 * torch.randn(500, 1, generator=gen, dtype=F64))  # row norms over ~3 decades
+    W = randn(500, 8, seed=4) * scale
+    act = torch.rand(500, generator=gen, dtype=F64)
+    assert M.sharedness(W, W, act) == pytest.approx(1.0)
+    null = M.permutation_null_sharedness(W, W, act, n_perm=4, seed=0)
+    assert null["mean"] < 0.6 and null["std"] > 0  # random pairing of unequal norms is exclusive-looking
+    assert M.permutation_null_sharedness(W, W, act, n_perm=4, seed=0) == null
+    # Equal norms everywhere: sharedness is 1 whatever the pairing, and the null says so.
+    U = W / W.norm(dim=1, keepdim=True)
+    assert M.permutation_null_sharedness(U, U, act, n_perm=2)["mean"] == pytest.approx(1.0)
+
+
+def test_permutation_null_sharedness_moves_only_live_rows():
+    W = randn(50, 4, seed=5)
+    act = torch.zeros(50, dtype=F64)
+    act[:2] = 1.0
+    W_B = W.clone()
+    W_B[2:] = 0.0  # dead latents: rows that would change the score if they were shuffled in
+    null = M.permutation_null_sharedness(W, W_B, act, n_perm=3)
+    assert all(v > 0.0 for v in null["values"])  # a live latent never draws a dead latent's zero row
+    with pytest.raises(ValueError, match="every latent is dead"):
+        M.permutation_null_sharedness(W, W, torch.zeros(50, dtype=F64))
+    with pytest.raises(ValueError, match="n_perm"):
+        M.permutation_null_sharedness(W, W, act, n_perm=0)
+
+
 # -- CKA and SVCCA ---------------------------------------------------------------------------------
 def gram_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     """Reference CKA from centred Gram matrices: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""

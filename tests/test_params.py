@@ -49,7 +49,7 @@ def test_shipped_smollm2_same_loads() -> None:
                                                              ("middle", "middle", "middle"),
                                                              ("last", "last", "last")]
     assert run.corpus.source == "python-docs" and run.corpus.seq_len == 256
-    assert run.train.tokens == 1_500_000 and run.train.lr == 1e-3 and isinstance(run.train.lr, float)
+    assert run.train.tokens == 1_000_000 and run.train.lr == 1e-3 and isinstance(run.train.lr, float)
     assert run.crosscoder.dict_size == 4096 and run.crosscoder.architecture == "relu_l1"
     assert run.harvest.max_tokens is None and run.device == "auto"
 
@@ -132,6 +132,8 @@ BAD = [
     (with_("analysis.b_only", 0.4), "analysis: need 0 <= b_only < shared_low"),
     (with_("relationship", "cousins"), "relationship: 'cousins' is not accepted; accepted: "),
     (with_("quick", 5), "quick: 5 must be a mapping"),
+    (with_("seed_floor.seeds", 0), "seed_floor.seeds: 0 must be a positive integer"),
+    (with_("seed_floor.at", ["midle"]), "seed_floor.at: 'midle' is not a layer label here; accepted: first, "),
 ]
 
 
@@ -222,3 +224,25 @@ def test_find_params_unknown_name_suggests_the_closest() -> None:
     assert "smollm2-same" in message.split("known: ")[1] and "\n" not in message
     with pytest.raises(ParamsError, match="^unknown params file 'zzz': known: "):
         params.find_params("zzz", PARAMS_DIR)
+
+
+# -- comparison points ------------------------------------------------------------------------------
+def points_of(data: dict, quick: bool = False) -> list[str]:
+    from hidden_signatures import pipeline
+
+    return [p.name for p in pipeline.points(params.from_dict(data, quick=quick))]
+
+
+def test_seed_floor_adds_seeds_of_the_main_crosscoder_at_middle_by_default() -> None:
+    assert points_of(BASE) == ["first", "middle", "middle-seed1", "middle-seed2", "last"]
+    assert points_of(with_("seed_floor", {"seeds": 1})) == ["first", "middle", "last"]
+    assert points_of(with_("seed_floor", {"seeds": 2, "at": ["first", "last"]})) == \
+        ["first", "first-seed1", "middle", "last", "last-seed1"]
+    assert points_of(with_("train.seed", 5)) == ["first", "middle", "middle-seed6", "middle-seed7", "last"]
+    assert points_of(with_("quick.seed_floor", {"seeds": 1}), quick=True) == ["first", "middle", "last"]
+    assert points_of(with_("layers", ["first", "last"])) == ["first", "last"]  # no middle: no floor
+
+
+def test_seed_floor_does_not_repeat_a_seed_variant() -> None:
+    data = with_("variants", {"middle": [{"architecture": "batchtopk", "k": 8}, {"seed": 2}]})
+    assert points_of(data) == ["first", "middle", "middle-batchtopk", "middle-seed2", "middle-seed1", "last"]

@@ -6,6 +6,10 @@ attention-sink token; for pairs with different tokenizers, only aligned position
 written as raw bf16 bits to one memory-mapped file per layer, so a store of any size is
 streamed from disk. A store is trusted only when its manifest exists and every file has the
 size the manifest records; an interrupted harvest resumes from its last flushed batch.
+
+Under torchrun (distributed.py) rank r runs batches r, r + N, ... into the same files, which
+rank 0 creates and finishes. With `remote=True` the forward passes run on NDIF (nnsight's
+remote execution) and the model is only built on the meta device here; see `harvest`.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import io, models
+from . import distributed, io, models
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -128,72 +133,147 @@ def model_identity(spec: str) -> str:
 
 def harvest(spec: str, ids_SL: torch.Tensor, layers: list[int], positions: list[torch.Tensor] | None = None,
             batch_size: int = 8, dtype: str = "bfloat16", device: str | torch.device = "cpu",
-            root: Path | None = None, desc: str | None = None) -> ActivationStore:
-    """Harvest (or reuse) the store of `spec` on these sequences, layers and positions."""
+            root: Path | None = None, desc: str | None = None, remote: bool | str = False) -> ActivationStore:
+    """Harvest (or reuse) the store of `spec` on these sequences, layers and positions.
+
+    remote=True runs every forward pass on NDIF (nnsight remote execution: needs NDIF_API_KEY set
+    and a hub id that NDIF hosts; nnsight unpickles the server's replies). The model is only built
+    on the meta device here (config and tokenizer), `dtype` and `device` are the server's business,
+    and the store gets its own cache key. remote="local" runs nnsight's offline simulation of that
+    path (the trace serialised as for NDIF, run on the local model), for tests.
+    """
+    if remote is True and (spec in models.PACKAGED or Path(spec).expanduser().exists()):
+        raise ValueError(f"harvest.remote: model {spec!r} is a packaged name or a local directory; "
+                         "accepted: a hub id that NDIF hosts (or set harvest.remote: false)")
     positions = positions if positions is not None else all_but_first(*ids_SL.shape)
     layers = sorted(set(int(x) for x in layers))
-    key = store_key(model_identity(spec), ids_SL, positions, layers, dtype)
+    identity = model_identity(spec) + ("@ndif" if remote is True else "")
+    key = store_key(identity, ids_SL, positions, layers, dtype)
     directory = (root or io.cache_root() / "activations") / key
     if verify_store(directory) is not None:
         return ActivationStore.open(directory)
-    model, tokenizer = models.load_model(spec, device=device, dtype=getattr(torch, dtype))
-    _fill_store(model, tokenizer, ids_SL, layers, positions, directory, batch_size, desc or spec)
-    _finish_store(directory, spec, layers, models.hidden_size(model), positions)
+    rank, _ = distributed.init_from_env(device)
+    traced = _remote_model(spec) if remote is True else _local_model(spec, device, dtype, remote)
+    _fill_store(traced, ids_SL, layers, positions, directory, batch_size, desc or spec)
+    if rank == 0:
+        _finish_store(directory, spec, layers, traced.d_model, positions)
+    distributed.barrier()
     return ActivationStore.open(directory)
 
 
-def _fill_store(model, tokenizer, ids_SL: torch.Tensor, layers: list[int], positions: list[torch.Tensor],
-                directory: Path, batch_size: int, desc: str) -> None:
-    """Run the forward passes, writing rows to partial memmaps; resumable via progress.json."""
+@dataclass
+class Traced:
+    """A model wrapped by nnsight, its block list envoy, and how its traces run."""
+
+    nn_model: Any
+    blocks: Any
+    d_model: int
+    device: torch.device
+    """Where the input ids go (cpu for a remote model, whose weights never load here)."""
+    remote: bool | str = False
+    """Passed to nnsight's trace: False runs here, True on NDIF, "local" simulates NDIF."""
+
+
+def _local_model(spec: str, device: str | torch.device, dtype: str, remote: bool | str) -> Traced:
+    """Load the model here (this process's device under torchrun) and wrap it for tracing."""
     from nnsight.modeling.transformers import TransformersModel
 
-    directory.mkdir(parents=True, exist_ok=True)
-    d_model = models.hidden_size(model)
-    counts = torch.tensor([len(p) for p in positions])
-    seq_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    n_tokens = int(seq_ptr[-1])
-    done = _progress(directory, n_tokens)
-    if not all(_partial(directory, L).exists() for L in layers):
-        done = 0  # e.g. killed inside _finish_store after renaming: the partial files are gone
-    mode = "r+" if done > 0 else "w+"
-    maps = {L: np.memmap(_partial(directory, L), dtype=np.uint16, mode=mode, shape=(n_tokens, d_model))
-            for L in layers}
-    envoy_blocks = _envoy_blocks(TransformersModel(model, tokenizer=tokenizer), models.block_path(model))
-    device = next(model.parameters()).device
-    n_seqs = ids_SL.shape[0]
-    with tqdm(total=n_seqs, initial=done, desc=f"harvest {desc}", unit="seq") as bar:
-        for start in range(done, n_seqs, batch_size):
-            stop = min(start + batch_size, n_seqs)
-            acts = _forward(envoy_blocks, ids_SL[start:stop].to(device), layers)
-            for L in layers:
-                rows = torch.cat([acts[L][i, positions[start + i]] for i in range(stop - start)])
-                bits = rows.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
-                maps[L][int(seq_ptr[start]):int(seq_ptr[stop])] = bits
-            if (stop // batch_size) % 16 == 0 or stop == n_seqs:
-                for mm in maps.values():
-                    mm.flush()
-                io.write_json(directory / PROGRESS, {"seqs_done": stop, "n_tokens": n_tokens})
-            bar.update(stop - start)
-    for mm in maps.values():
-        mm.flush()
-    del maps
-    io.save_tensors(directory / INDEX, {"seq_ptr": seq_ptr, "pos": torch.cat(positions).long()})
+    model, tokenizer = models.load_model(spec, device=distributed.local_device(device), dtype=getattr(torch, dtype))
+    return _envoy_blocks(TransformersModel(model, tokenizer=tokenizer), models.block_path(model), remote)
 
 
-def _envoy_blocks(nn_model, path: str):
+def _remote_model(spec: str) -> Traced:
+    """Build a hub model on the meta device (config and tokenizer only, no weights) for NDIF traces."""
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+    nn_model = TransformersModel(spec, task="text-generation", tokenizer=tokenizer, trust_remote_code=False)
+    return _envoy_blocks(nn_model, models.block_path(nn_model._module), remote=True)
+
+
+def _envoy_blocks(nn_model, path: str, remote: bool | str = False) -> Traced:
+    """An nnsight model ready for _forward: the envoy of its block list at `path` (e.g. 'model.layers')."""
     envoy = nn_model
     for part in path.split("."):
         envoy = getattr(envoy, part)
-    return nn_model, envoy
+    module = nn_model._module
+    device = torch.device("cpu") if remote is True else next(module.parameters()).device
+    return Traced(nn_model, envoy, models.hidden_size(module), device, remote)
 
 
-def _forward(envoy_blocks, ids_BL: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """One traced forward pass saving each layer's input; stops after the deepest layer."""
-    nn_model, blocks = envoy_blocks
-    saved = {}
-    with torch.no_grad(), nn_model.trace(ids_BL) as tracer:
+def _fill_store(traced: Traced, ids_SL: torch.Tensor, layers: list[int], positions: list[torch.Tensor],
+                directory: Path, batch_size: int, desc: str) -> None:
+    """Run the forward passes, writing rows to partial memmaps; resumable via progress.json.
+
+    Under torchrun, rank r runs batches r, r + N, ... of each round of N batches; progress is
+    committed (by rank 0, after every rank flushed) at round ends, so it means the same thing
+    for any number of processes.
+    """
+    rank, world = distributed.rank_world()
+    if world > 1 and not distributed.all_ranks_local():
+        raise ValueError(f"a sharded harvest needs all {world} processes on one machine "
+                         f"(LOCAL_WORLD_SIZE={os.environ.get('LOCAL_WORLD_SIZE')}); harvest on one machine first")
+    counts = torch.tensor([len(p) for p in positions])
+    seq_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    n_tokens, n_seqs = int(seq_ptr[-1]), ids_SL.shape[0]
+    done = _open_partials(directory, layers, n_tokens, traced.d_model) if rank == 0 else 0
+    done = distributed.broadcast(done)  # rank 0 has created (or kept) the files the others now open
+    maps = {L: np.memmap(_partial(directory, L), dtype=np.uint16, mode="r+", shape=(n_tokens, traced.d_model))
+            for L in layers}
+    round_size = batch_size * world
+    with tqdm(total=n_seqs, initial=done, desc=f"harvest {desc}", unit="seq", disable=rank != 0) as bar:
+        for round_start in range(done, n_seqs, round_size):
+            round_stop = min(round_start + round_size, n_seqs)
+            start = round_start + rank * batch_size
+            if start < round_stop:
+                stop = min(start + batch_size, n_seqs)
+                acts = _forward(traced, ids_SL[start:stop].to(traced.device), layers)
+                for L in layers:
+                    rows = torch.cat([acts[L][i, positions[start + i]] for i in range(stop - start)])
+                    bits = rows.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+                    maps[L][int(seq_ptr[start]):int(seq_ptr[stop])] = bits
+            if (round_stop // round_size) % 16 == 0 or round_stop == n_seqs:
+                for mm in maps.values():
+                    mm.flush()
+                distributed.barrier()  # every rank's rows of this round are on disk
+                if rank == 0:
+                    io.write_json(directory / PROGRESS, {"seqs_done": round_stop, "n_tokens": n_tokens})
+            bar.update(round_stop - round_start)
+    for mm in maps.values():
+        mm.flush()
+    del maps
+    if rank == 0:
+        io.save_tensors(directory / INDEX, {"seq_ptr": seq_ptr, "pos": torch.cat(positions).long()})
+
+
+def _open_partials(directory: Path, layers: list[int], n_tokens: int, d_model: int) -> int:
+    """Sequences already harvested (0: the partial files are created anew, zero-filled)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    done = _progress(directory, n_tokens)
+    if not all(_partial(directory, L).exists() for L in layers):
+        done = 0  # e.g. killed inside _finish_store after renaming: the partial files are gone
+    if done == 0:
+        (directory / PROGRESS).unlink(missing_ok=True)  # a stale one must not vouch for the new files
         for L in layers:
-            saved[L] = blocks[L].input.save()
+            np.memmap(_partial(directory, L), dtype=np.uint16, mode="w+", shape=(n_tokens, d_model)).flush()
+    return done
+
+
+def _forward(traced: Traced, ids_BL: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """One traced forward pass saving each layer's input; stops after the deepest layer.
+
+    The dict is built and saved inside the trace so that a remote run, which returns only
+    saved values, hands it back too.
+    """
+    import nnsight
+
+    blocks = traced.blocks
+    with torch.no_grad(), traced.nn_model.trace(ids_BL, remote=traced.remote) as tracer:
+        saved = {}
+        for L in layers:
+            saved[L] = blocks[L].input
+        saved = nnsight.save(saved)
         tracer.stop()
     return {L: (v[0] if isinstance(v, tuple) else v) for L, v in saved.items()}
 
@@ -236,12 +316,28 @@ def norm_factor(rows_u16: np.ndarray, d_model: int, sample: int = 20_000) -> flo
     return float(math.sqrt(d_model) / x.norm(dim=1).mean().item())
 
 
+EVAL_SPLIT = "spread"
+"""Which sequences are held out (part of every training key, so a change retrains)."""
+
+
+def eval_sequences(n_seqs: int, fraction: float) -> np.ndarray:
+    """Bool [n_seqs]: the held-out sequences, evenly spread over the corpus (at least one).
+
+    Spread rather than a tail: the corpus runs module by module, so a tail would hold out a few
+    modules' topics and read as a distribution shift instead of unseen text of the same kind.
+    """
+    n_eval = min(n_seqs, max(1, int(round(n_seqs * fraction))))
+    held_out = np.zeros(n_seqs, dtype=bool)
+    held_out[np.floor((np.arange(n_eval) + 0.5) * n_seqs / n_eval).astype(np.int64)] = True
+    return held_out
+
+
 @dataclass
 class PairedActivations:
     """Row-aligned activations of models A and B at one layer each, scaled to mean norm sqrt(d).
 
-    The last `eval_fraction` of sequences is held out for evaluation. Rows whose norm exceeds
-    `max_norm_ratio` times the median in either model (massive activations of attention-sink
+    An `eval_fraction` of the sequences, spread evenly over the corpus, is held out for
+    evaluation. Rows whose norm exceeds `max_norm_ratio` times the median in either model (massive activations of attention-sink
     tokens, about 0.01% of rows in SmolLM2's middle layers, with 100x the typical norm) are left
     out of both: one such row would outweigh ten thousand ordinary ones in the squared error.
     """
@@ -261,14 +357,13 @@ class PairedActivations:
         self.x_b = self.store_b.rows(self.layer_b)
         self.scale_a = self.store_a.norm_factor(self.layer_a)
         self.scale_b = self.store_b.norm_factor(self.layer_b)
-        seq_ptr = self.store_a.seq_ptr()
-        n_seqs = len(seq_ptr) - 1
-        n_train_seqs = n_seqs - max(1, int(round(n_seqs * self.eval_fraction)))
-        split = int(seq_ptr[n_train_seqs])
+        seq_ptr = self.store_a.seq_ptr().numpy()
+        held_out = eval_sequences(len(seq_ptr) - 1, self.eval_fraction)
+        eval_mask = np.repeat(held_out, np.diff(seq_ptr))
         keep = self._ordinary_rows()
         rows = np.arange(self.n_tokens)
-        self.train_rows = rows[:split][keep[:split]]
-        self.eval_rows = rows[split:][keep[split:]]
+        self.train_rows = rows[~eval_mask & keep]
+        self.eval_rows = rows[eval_mask & keep]
         self.n_outliers = int((~keep).sum())
 
     def _ordinary_rows(self, chunk: int = 65_536) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import crosscoder as cc_mod
-from . import figures, io, metrics, models, pipeline
+from . import activations, figures, io, metrics, models, pipeline
 from . import train as train_mod
 from .activations import PairedActivations
 from .params import RunConfig
@@ -62,6 +62,7 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
         "block_a": data.layer_a, "block_b": data.layer_b, "d_a": data.d_a, "d_b": data.d_b,
         "architecture": model.cfg.architecture, "dict_size": model.cfg.dict_size,
         "sharedness": metrics.sharedness(W_A, W_B, mean_act),
+        "sharedness_null_permutation": metrics.permutation_null_sharedness(W_A, W_B, mean_act, n_perm=3)["mean"],
         "alignment": align.score, "alignment_all_latents": align_all.score,
         "alignment_any_fire": align_any.score, "min_fire_rate": run.analysis.min_fire_rate,
         "n_live": align.n_live,
@@ -83,7 +84,7 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
     scaling = latent_scaling(model, data, n_rel, live, run, device)
     io.save_tensors(out / SCALING_FILE, {k: v for k, v in scaling.pop("per_latent").items()})
     result["latent_scaling"] = scaling
-    result["splice"] = splice_report(run, model, data) if run.analysis.splice_seqs else None
+    result["splice"] = splice_report(run, model, data) if run.analysis.splice_seqs and not pt.repeat else None
     io.write_json(out / pipeline.METRICS_FILE, result, digits=6)
     save_strengths(out, W_A, W_B, mean_act, align.score, ev["fire_rate"])
     layer_figures(run, label, n_rel[live], cos, align.spectrum)
@@ -166,7 +167,7 @@ def sibling_points(run: RunConfig, name: str) -> list[str]:
     """Trained points of the same layer (other architectures / seeds), this one first."""
     pt = pipeline.point(run, name)
     names = [p.name for p in pipeline.points(run) if p.label == pt.label]
-    done = [n for n in names if (pipeline.layer_dir(run, n) / pipeline.METRICS_FILE).exists() or n == name]
+    done = [n for n in names if (pipeline.layer_dir(run, n) / pipeline.RUN_FILE).exists() or n == name]
     return sorted(done, key=lambda n: n != name)
 
 
@@ -189,11 +190,12 @@ def compare_points(run: RunConfig, names: list[str], data: PairedActivations) ->
 
 
 def splice_report(run: RunConfig, model: cc_mod.Crosscoder, data: PairedActivations) -> dict:
-    """Splice-in fidelity of both models on the last (held-out) sequences of the pair's tokens."""
+    """Splice-in fidelity of both models on the last held-out sequences of the pair's tokens."""
     from . import splice
 
     tokens = pipeline.pair_tokens(run)
-    n = min(run.analysis.splice_seqs, len(tokens.pos_a))
+    held_out = np.flatnonzero(activations.eval_sequences(len(tokens.pos_a), data.eval_fraction))
+    seqs = held_out[-min(run.analysis.splice_seqs, len(held_out)):].tolist()
     device = models.pick_device(run.device)
     dtype = getattr(torch, run.harvest.dtype)
     model_a, tok_a = models.load_model(run.model_a, device=device, dtype=dtype)
@@ -202,6 +204,6 @@ def splice_report(run: RunConfig, model: cc_mod.Crosscoder, data: PairedActivati
     side_a = splice.SplicedModel(model_a, tok_a, data.layer_a)
     side_b = splice.SplicedModel(model_b, tok_b, data.layer_b)
     model.eval()
-    return splice.fidelity(model, side_a, side_b, list(tokens.ids_a[-n:].to(device)), list(tokens.ids_b[-n:].to(device)),
-                           tokens.pos_a[-n:], tokens.pos_b[-n:], data.scale_a, data.scale_b,
-                           run.harvest.max_norm_ratio)
+    return splice.fidelity(model, side_a, side_b, [tokens.ids_a[i].to(device) for i in seqs],
+                           [tokens.ids_b[i].to(device) for i in seqs], [tokens.pos_a[i] for i in seqs],
+                           [tokens.pos_b[i] for i in seqs], data.scale_a, data.scale_b, run.harvest.max_norm_ratio)

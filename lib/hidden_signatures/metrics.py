@@ -106,6 +106,30 @@ def sharedness(W_dec_HA: torch.Tensor, W_dec_HB: torch.Tensor, mean_act_H: torch
     return float((a_H * binary_entropy(n_rel_H)).sum() / a_H.sum())
 
 
+def permutation_null_sharedness(W_dec_HA: torch.Tensor, W_dec_HB: torch.Tensor, mean_act_H: torch.Tensor,
+                                n_perm: int = 5, seed: int = 0) -> dict:
+    """Sharedness after shuffling the live rows of W_dec_B: what latents paired at random score.
+
+    It says how much of a sharedness value the two sides' norm distributions give by themselves
+    (equal norms everywhere give 1 even for unrelated latents). Returns dict(mean, std, values).
+    """
+    if n_perm < 1:
+        raise ValueError(f"permutation_null_sharedness: n_perm must be >= 1, got {n_perm}")
+    W_A, W_B = _decoder_pair(W_dec_HA, W_dec_HB, "permutation_null_sharedness")
+    a_H = _mean_act(mean_act_H, W_A.shape[0], "permutation_null_sharedness")
+    live = torch.nonzero(a_H > 0).flatten()
+    if len(live) == 0:
+        raise ValueError("permutation_null_sharedness: every latent is dead (mean_act_H is all 0)")
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(n_perm):
+        W_B_perm = W_B.clone()
+        W_B_perm[live] = W_B[live[torch.randperm(len(live), generator=gen)]]
+        values.append(sharedness(W_A, W_B_perm, a_H))
+    v = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()) if n_perm > 1 else 0.0, "values": values}
+
+
 def shared_cosines(W_dec_HA: torch.Tensor, W_dec_HB: torch.Tensor, low: float = 0.3,
                    high: float = 0.7) -> torch.Tensor:
     """Cosine of each shared latent's (low < n_rel < high) A and B decoder rows, float64.

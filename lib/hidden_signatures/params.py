@@ -51,6 +51,8 @@ class HarvestConfig:
     """Pair positions on character offsets when the tokenizers differ; false makes that an error."""
     max_norm_ratio: float | None = 10.0
     """Leave out rows whose norm exceeds this multiple of the median (attention-sink outliers); null keeps all."""
+    remote: bool = False
+    """Run the forward passes on NDIF (nnsight remote execution, needs an API key): hub ids only, no local weights."""
 
     def __post_init__(self) -> None:
         _positive("harvest.batch_size", self.batch_size)
@@ -160,6 +162,23 @@ class AnalysisConfig:
 
 
 @dataclass
+class SeedFloorConfig:
+    """Extra seeds of the main crosscoder at some layers: the seed-noise floor of every metric."""
+
+    seeds: int = 3
+    """Crosscoders per listed layer, the main one included (1 turns the floor off)."""
+    at: list[str] | None = None
+    """Layer labels that get the extra seeds; unset means middle, when the params file has it."""
+
+    def __post_init__(self) -> None:
+        _positive("seed_floor.seeds", self.seeds)
+
+    def labels(self, layer_labels: list[str]) -> list[str]:
+        """The labels that get extra seeds, among this params file's layer labels."""
+        return [label for label in (self.at if self.at is not None else ["middle"]) if label in layer_labels]
+
+
+@dataclass
 class RunConfig:
     """Everything one params file sets: the pair, where to look, and how to train."""
 
@@ -178,6 +197,8 @@ class RunConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     variants: dict = field(default_factory=dict)
     """Extra crosscoders per layer label: {middle: [{architecture: batchtopk}, {seed: 1}]}."""
+    seed_floor: SeedFloorConfig = field(default_factory=SeedFloorConfig)
+    """Seeds 1..N-1 of the main crosscoder beside seed `train.seed`, at the listed layers."""
     finetune: dict = field(default_factory=dict)
     """Settings of a `finetune:<base>` model (lm_training.LMTrainConfig fields)."""
     distill: dict = field(default_factory=dict)
@@ -201,6 +222,10 @@ class RunConfig:
                 raise ParamsError(f"variants.{label}: must name a layer label ({', '.join(labels_of(self.layers))}) "
                                   "and hold a list of mappings like {architecture: batchtopk} or {seed: 1}")
         _choice("relationship", self.relationship, ("", "sanity", "finetuning", "distillation", "scale"))
+        for label in self.seed_floor.at or []:
+            if label not in labels_of(self.layers):
+                raise ParamsError(f"seed_floor.at: {label!r} is not a layer label here; accepted: "
+                                  f"{', '.join(labels_of(self.layers))}")
         labels = [lp.label for lp in self.layers]
         if len(set(labels)) != len(labels):
             raise ParamsError(f"layers: labels repeat: {labels}")

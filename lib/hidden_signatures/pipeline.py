@@ -16,8 +16,9 @@ import torch
 
 from . import activations, corpus, io, models
 from . import crosscoder as cc_mod
-from .params import CrosscoderSettings, ParamsError, RunConfig
+from .params import CrosscoderSettings, ParamsError, RunConfig, labels_of
 from .params import build as build_settings
+from .distributed import barrier, broadcast, rank_world
 
 RESULTS_ENV = "HIDDEN_SIGNATURES_RESULTS"
 FIGURES_ENV = "HIDDEN_SIGNATURES_FIGURES"
@@ -186,10 +187,10 @@ def harvest(run: RunConfig, tokens: PairTokens, layers: dict[str, ResolvedLayer]
     device = models.pick_device(run.device)
     store_a = activations.harvest(run.model_a, tokens.ids_a, [rl.a for rl in layers.values()],
                                   tokens.pos_a, run.harvest.batch_size, run.harvest.dtype, device,
-                                  desc=f"{run.name} A")
+                                  desc=f"{run.name} A", remote=run.harvest.remote)
     store_b = activations.harvest(run.model_b, tokens.ids_b, [rl.b for rl in layers.values()],
                                   tokens.pos_b, run.harvest.batch_size, run.harvest.dtype, device,
-                                  desc=f"{run.name} B")
+                                  desc=f"{run.name} B", remote=run.harvest.remote)
     return store_a, store_b
 
 
@@ -212,20 +213,32 @@ class Point:
     label: str
     crosscoder: CrosscoderSettings
     seed: int
+    repeat: bool = False
+    """Another seed of the layer's main crosscoder (the seed floor): headline metrics only."""
 
 
 def points(run: RunConfig) -> list[Point]:
     """Every crosscoder of a run: each layer with the main settings, then its variants.
 
     `variants: {middle: [{architecture: batchtopk}, {seed: 1}]}` adds middle-batchtopk and
-    middle-seed1; a variant may set any crosscoder field and `seed`.
+    middle-seed1; a variant may set any crosscoder field and `seed`. `seed_floor` (default: 3
+    seeds at middle) adds middle-seed1 and middle-seed2 after them.
     """
     out = []
     for lp in run.layers:
         out.append(Point(lp.label, lp.label, run.crosscoder, run.train.seed))
         for raw in run.variants.get(lp.label, []):
             out.append(_variant(run, lp.label, raw))
+        out += _seed_floor(run, lp.label, {p.name for p in out})
     return out
+
+
+def _seed_floor(run: RunConfig, label: str, taken: set[str]) -> list[Point]:
+    """The seed_floor's extra seeds of the main crosscoder at this layer (unless a variant has them)."""
+    if label not in run.seed_floor.labels(labels_of(run.layers)):
+        return []
+    extra = [_variant(run, label, {"seed": run.train.seed + i}) for i in range(1, run.seed_floor.seeds)]
+    return [p for p in extra if p.name not in taken]
 
 
 def _variant(run: RunConfig, label: str, raw: dict) -> Point:
@@ -242,7 +255,7 @@ def _variant(run: RunConfig, label: str, raw: dict) -> Point:
         parts.append(f"seed{seed}")
     if len(parts) == 1:
         raise ParamsError(f"variants.{label}: {raw!r} changes neither the architecture nor the seed")
-    return Point("-".join(parts), label, settings, int(seed))
+    return Point("-".join(parts), label, settings, int(seed), repeat=settings == run.crosscoder)
 
 
 def point(run: RunConfig, name: str) -> Point:
@@ -266,6 +279,7 @@ def training_key(run: RunConfig, pt: Point, data: activations.PairedActivations)
     """Hash of everything that determines the trained crosscoder."""
     return io.config_hash({"stores": [data.store_a.directory.name, data.store_b.directory.name],
                            "layers": [data.layer_a, data.layer_b], "eval_fraction": run.harvest.eval_fraction,
+                           "eval_split": activations.EVAL_SPLIT,
                            "max_norm_ratio": run.harvest.max_norm_ratio, "crosscoder": asdict(pt.crosscoder),
                            "train": asdict(dataclasses.replace(run.train, seed=pt.seed))})
 
@@ -278,14 +292,18 @@ def train_layer(run: RunConfig, name: str, data: activations.PairedActivations |
     data = data or open_pair(run, name)
     out = layer_dir(run, name)
     key = training_key(run, pt, data)
-    if _trained(out, key):
+    if broadcast(_trained(out, key)):
         return out
-    _clear_stale(out, key)
+    lead = rank_world()[0] == 0  # under torchrun only rank 0 touches results/ outside train()
+    if lead:
+        _clear_stale(out, key)
     model = cc_mod.build(crosscoder_config(pt.crosscoder, data), seed=pt.seed)
     train_mod.train(model, data, dataclasses.replace(run.train, seed=pt.seed), pt.crosscoder.l1_coeff, out,
-                    device=models.pick_device(run.device), desc=f"{run.name}/{name}")
-    io.write_json(out / RUN_FILE, {"training_key": key, "run": run.to_dict(),
-                                   "layer_a": data.layer_a, "layer_b": data.layer_b})
+                    device=models.pick_device(run.device), desc=f"{run.name}/{name}")  # starts with a barrier
+    if lead:
+        io.write_json(out / RUN_FILE, {"training_key": key, "run": run.to_dict(),
+                                       "layer_a": data.layer_a, "layer_b": data.layer_b})
+    barrier()
     return out
 
 

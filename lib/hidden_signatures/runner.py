@@ -19,6 +19,8 @@ from . import pipeline
 
 PAIR_NOTEBOOKS = ("00_models", "01_data", "02_activations")
 LAYER_NOTEBOOKS = ("03_train", "04_analysis", "05_strengths")
+REPEAT_SKIPS = ("05_strengths",)
+"""Notebooks left out for the seed floor's extra seeds: they add headline metrics, not new figures."""
 SUMMARY_NOTEBOOK = "99_summary"
 DISTILL_NOTEBOOK = "06_distill"
 DISTILL_PAIRS = ("distill-kl", "distill-jacobian")
@@ -65,11 +67,13 @@ def run_pair(path: Path, run: params_mod.RunConfig, layers: dict, notebooks_dir:
         _run_one(notebooks_dir / f"{name}.py", out_dir / f"{name}.ipynb", base, cwd)
     all_points = pipeline.points(run)
     for label in layers:  # train every crosscoder of a layer first, so 04 can set them side by side
-        mine = [p.name for p in all_points if p.label == label]
+        mine = [p for p in all_points if p.label == label]
         for name in LAYER_NOTEBOOKS:
             for point in mine:
-                _run_one(notebooks_dir / f"{name}.py", out_dir / point / f"{name}.ipynb",
-                         {**base, "layer": point}, cwd)
+                if point.repeat and name in REPEAT_SKIPS:
+                    continue
+                _run_one(notebooks_dir / f"{name}.py", out_dir / point.name / f"{name}.ipynb",
+                         {**base, "layer": point.name}, cwd)
 
 
 def _run_one(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:

@@ -20,7 +20,7 @@ PAPER_PAIRS = {"sanity": "GPT-2 vs GPT-2", "finetuning": "Gemma-2-2B vs IT",
                "distillation": "GPT-2 vs DistilGPT-2", "scale": "Pythia-160M vs 70M"}
 HEADLINE = ("sharedness", "alignment", "cka")
 COLUMNS = ["pair", "relationship", "layer", "architecture", "seeds", "sharedness", "sharedness_spread",
-           "alignment", "alignment_spread", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
+           "sharedness_null", "alignment", "alignment_spread", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
            "dead_fraction", "aligned_fraction", "paper_sharedness", "paper_alignment"]
 
 
@@ -32,6 +32,7 @@ def load_points(results_root: Path) -> pd.DataFrame:
         rows.append({"pair": m["pair"], "relationship": m.get("relationship", ""), "layer": m["layer"],
                      "point": m.get("point", m["layer"]), "seed": m.get("seed", 0),
                      "architecture": m.get("architecture", "relu_l1"), "sharedness": m["sharedness"],
+                     "sharedness_null": m.get("sharedness_null_permutation"),
                      "alignment": m["alignment"], "alignment_null": m.get("alignment_null_permutation"),
                      "cka": m.get("cka"), "svcca": m.get("svcca"), "ev_a": m["explained_variance"]["A"],
                      "ev_b": m["explained_variance"]["B"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
@@ -50,7 +51,7 @@ def collect(results_root: Path) -> pd.DataFrame:
         paper = PAPER_FIG8.get(first["relationship"], {}).get(layer, (None, None))
         row = {"pair": pair, "relationship": first["relationship"], "layer": layer, "architecture": arch,
                "seeds": len(group), "paper_sharedness": paper[0], "paper_alignment": paper[1]}
-        for col in ("sharedness", "alignment", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
+        for col in ("sharedness", "sharedness_null", "alignment", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
                     "dead_fraction", "aligned_fraction"):
             row[col] = group[col].mean() if group[col].notna().any() else None
         for col in ("sharedness", "alignment"):
@@ -113,16 +114,20 @@ def _pm(value, spread) -> str:
     return f"{value:.3f}" + ("" if spread is None or pd.isna(spread) else f" ± {spread:.3f}")
 
 
+def _null(value) -> str:
+    return "" if value is None or pd.isna(value) else f" ({value:.3f})"
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """The summary as Markdown for the README: ours (± seed spread, null) beside the paper's."""
-    head = ("| pair | crosscoder | layer | sharedness | alignment (null) | CKA | EV A / B | L0 | "
+    head = ("| pair | crosscoder | layer | sharedness (null) | alignment (null) | CKA | EV A / B | L0 | "
             "paper (sharedness / alignment) |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in frame.itertuples(index=False):
         paper = "" if r.paper_sharedness is None or pd.isna(r.paper_sharedness) else \
             f"{r.paper_sharedness:.2f} / {r.paper_alignment:.3f}"
-        null = "" if r.alignment_null is None or pd.isna(r.alignment_null) else f" ({r.alignment_null:.3f})"
-        lines.append(f"| {r.pair} | {r.architecture} | {r.layer} | {_pm(r.sharedness, r.sharedness_spread)} | "
-                     f"{_pm(r.alignment, r.alignment_spread)}{null} | {_pm(r.cka, None)} | "
+        lines.append(f"| {r.pair} | {r.architecture} | {r.layer} | "
+                     f"{_pm(r.sharedness, r.sharedness_spread)}{_null(r.sharedness_null)} | "
+                     f"{_pm(r.alignment, r.alignment_spread)}{_null(r.alignment_null)} | {_pm(r.cka, None)} | "
                      f"{r.ev_a:.2f} / {r.ev_b:.2f} | {r.l0:.0f} | {paper} |")
     return "\n".join(lines)

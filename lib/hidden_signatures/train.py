@@ -3,6 +3,11 @@
 The batch order is a pure function of (seed, step), and the checkpoint holds the weights, the
 optimizer state and the log, so a run killed at any point and restarted ends with the same
 weights, bit for bit on CPU, as an uninterrupted one.
+
+Under torchrun (see distributed.py) the crosscoder is wrapped in DistributedDataParallel: every
+rank computes the same global batch and trains on every world-th row of it, so the global batch,
+and up to float rounding the result, are those of one process. DDP averages gradients only of
+work done in its own forward, so it wraps LossModule, whose forward is the crosscoder's loss.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import crosscoder as cc_mod
-from . import io
+from . import distributed, io
 from .activations import PairedActivations
 from .params import TrainConfig
 
@@ -26,6 +32,7 @@ CHECKPOINT_DIR = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 LOG_FILE = "train_log.json"
+LOG_KEYS = ("loss", "mse_a", "mse_b", "l0", "ev_a", "ev_b")
 
 
 class TrainingError(RuntimeError):
@@ -81,67 +88,126 @@ def explained_variance(x_NA: torch.Tensor, xhat_NA: torch.Tensor) -> torch.Tenso
     return 1 - sse / tot
 
 
+class LossModule(nn.Module):
+    """The crosscoder's loss as a forward pass, for DistributedDataParallel to wrap.
+
+    DDP averages the gradients of work done inside its forward only, and Crosscoder.forward
+    returns latents and reconstructions, not the loss (whose L1 term also reads the decoder norms).
+    """
+
+    def __init__(self, crosscoder: cc_mod.Crosscoder):
+        super().__init__()
+        self.crosscoder = crosscoder
+
+    def forward(self, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: float) -> cc_mod.LossParts:
+        return self.crosscoder.loss(x_NA, x_NB, l1_coeff)
+
+
+def _loss_fn(model: cc_mod.Crosscoder, device: torch.device):
+    """model.loss in one process; the same through a DDP-wrapped LossModule in a process group."""
+    if not distributed.active():
+        return model.loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(LossModule(model), device_ids=[device] if device.type == "cuda" else None)
+
+
 def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l1_coeff: float,
           out_dir: str | Path, device: torch.device | str = "cpu", desc: str = "train") -> list[dict]:
     """Train `model` on the training rows of `data`, resuming from out_dir/checkpoint if present.
 
     Writes out_dir/crosscoder.safetensors, crosscoder_config.json and train_log.json at the end;
-    returns the log rows.
+    returns the log rows. In a process group (WORLD_SIZE > 1) every rank calls this with the same
+    arguments; rank 0 alone writes files, and every rank returns the same log.
     """
     out_dir = Path(out_dir)
-    device = torch.device(device)
+    rank, world = distributed.init_from_env(device)
+    if cfg.batch_size < world:
+        raise ValueError(f"train.batch_size: {cfg.batch_size} is smaller than the {world} processes; "
+                         "accepted: at least one row per process")
+    device = distributed.local_device(device)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            foreach=True)
     total = n_steps(cfg)
+    distributed.barrier()  # e.g. rank 0 has removed a stale checkpoint before anyone resumes
     step, log = _resume(model, opt, out_dir / CHECKPOINT_DIR)
+    loss_fn = _loss_fn(model, device)
     fired_since = torch.zeros(model.cfg.dict_size, dtype=torch.long, device=device)
     window = {"loss": 0.0, "mse_a": 0.0, "mse_b": 0.0, "l0": 0.0, "ev_a": 0.0, "ev_b": 0.0, "n": 0}
     t0 = time.perf_counter()
-    with tqdm(total=total, initial=step, desc=desc, unit="step") as bar:
+    with tqdm(total=total, initial=step, desc=desc, unit="step", disable=rank != 0) as bar:
         while step < total:
             idx = batch_indices(step, cfg.batch_size, data.n_train, cfg.seed)
-            x_a, x_b = (t.to(device) for t in data.train_batch(idx))
+            mine = idx[rank::world]
+            x_a, x_b = (t.to(device) for t in data.train_batch(mine))
             for group in opt.param_groups:
                 group["lr"] = lr_schedule(step, total, cfg)
             lam = l1_schedule(step, total, cfg, l1_coeff)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-                parts = model.loss(x_a, x_b, lam)
-            if not torch.isfinite(parts.total):
-                raise TrainingError(f"step {step}: loss is {parts.total.item()}; stopped, the last good "
+                parts = loss_fn(x_a, x_b, lam)
+            share = len(mine) * world / len(idx)  # 1.0 unless the batch does not split evenly
+            numbers = _step_numbers(parts, model, x_a, x_b, share)
+            if not math.isfinite(numbers["loss"]):
+                raise TrainingError(f"step {step}: loss is {numbers['loss']}; stopped, the last good "
                                     f"checkpoint in {out_dir / CHECKPOINT_DIR} is kept")
             opt.zero_grad(set_to_none=True)
-            parts.total.backward()
+            _scaled(parts.total, share).backward()
             opt.step()
             model.post_step()
             step += 1
-            _accumulate(window, parts, model, x_a, x_b, fired_since)
+            _accumulate(window, numbers, len(idx), fired_since)
             if step % cfg.log_every == 0 or step == total:
                 log.append(_log_row(window, step, cfg, lam, opt, fired_since, t0))
                 bar.set_postfix(loss=f"{log[-1]['loss']:.3g}", l0=f"{log[-1]['l0']:.0f}",
                                 ev_a=f"{log[-1]['ev_a']:.2f}", ev_b=f"{log[-1]['ev_b']:.2f}")
             if step % cfg.checkpoint_every == 0 and step < total:
-                save_checkpoint(model, opt, step, log, out_dir / CHECKPOINT_DIR)
+                if rank == 0:
+                    save_checkpoint(model, opt, step, log, out_dir / CHECKPOINT_DIR)
+                distributed.barrier()
             bar.update(1)
-    model.save(out_dir)
-    io.write_json(out_dir / LOG_FILE, log, digits=6)
-    remove_checkpoints(out_dir / CHECKPOINT_DIR)
+    del loss_fn  # drops DDP's gradient hooks from the parameters
+    if rank == 0:
+        model.save(out_dir)
+        io.write_json(out_dir / LOG_FILE, log, digits=6)
+        remove_checkpoints(out_dir / CHECKPOINT_DIR)
+    distributed.barrier()
     return log
 
 
-def _accumulate(window: dict, parts, model, x_a, x_b, fired_since: torch.Tensor) -> None:
-    """Add one step's numbers to the running log window, from the loss's own forward pass."""
+def _scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
+    """The loss weighted by this rank's share of the batch (DDP averages over ranks; 1.0: untouched)."""
+    return loss if share == 1.0 else loss * share
+
+
+def _step_numbers(parts, model, x_a, x_b, share: float) -> dict:
+    """One step's log numbers, from the loss's own forward pass; over the global batch in a group.
+
+    In a process group each rank's numbers are weighted by its share of the batch and summed over
+    ranks (one all-reduce, which also makes every rank see the same non-finite loss): loss, MSEs
+    and L0 are then those of the global batch; explained variance is the row-weighted mean of the
+    per-rank values; `fired` is any rank's.
+    """
     with torch.no_grad():
         n = x_a.shape[0]
-        window["loss"] += parts.total.item()
-        window["mse_a"] += parts.mse_a.item()
-        window["mse_b"] += parts.mse_b.item()
-        window["l0"] += parts.l0.item()
-        window["ev_a"] += 1 - parts.mse_a.item() * n / _total_variance_batch(x_a)
-        window["ev_b"] += 1 - parts.mse_b.item() * n / _total_variance_batch(x_b)
-        window["n"] += 1
         fired = parts.fired if parts.fired is not None else (model(x_a, x_b)[0] > 0).any(0)
-        fired_since.add_(n).masked_fill_(fired, 0)
+        row = [parts.total.item(), parts.mse_a.item(), parts.mse_b.item(), parts.l0.item()]
+        row += [1 - row[1] * n / _total_variance_batch(x_a), 1 - row[2] * n / _total_variance_batch(x_b)]
+        if not distributed.active():
+            return dict(zip(LOG_KEYS, row), fired=fired)
+        world = torch.distributed.get_world_size()
+        vec = torch.cat([torch.tensor(row, dtype=torch.float64) * (share / world),
+                         fired.double().cpu()]).to(fired.device)
+        torch.distributed.all_reduce(vec)
+        return dict(zip(LOG_KEYS, vec[:len(LOG_KEYS)].tolist()), fired=vec[len(LOG_KEYS):] > 0)
+
+
+def _accumulate(window: dict, numbers: dict, n: int, fired_since: torch.Tensor) -> None:
+    """Add one step's numbers (of a batch of n rows) to the running log window."""
+    for key in LOG_KEYS:
+        window[key] += numbers[key]
+    window["n"] += 1
+    fired_since.add_(n).masked_fill_(numbers["fired"], 0)
 
 
 def _total_variance_batch(x_NA: torch.Tensor) -> float:
@@ -151,7 +217,7 @@ def _total_variance_batch(x_NA: torch.Tensor) -> float:
 
 def _log_row(window: dict, step: int, cfg: TrainConfig, lam: float, opt, fired_since, t0) -> dict:
     n = max(1, window["n"])
-    row = {k: window[k] / n for k in ("loss", "mse_a", "mse_b", "l0", "ev_a", "ev_b")}
+    row = {k: window[k] / n for k in LOG_KEYS}
     row.update(step=step, tokens=step * cfg.batch_size, l1_coeff=lam, lr=opt.param_groups[0]["lr"],
                dead_fraction=(fired_since >= 100_000).float().mean().item(),
                seconds=round(time.perf_counter() - t0, 1))
