@@ -454,3 +454,18 @@ def test_runner_cli_unknown_params_file_exits_2_with_one_line() -> None:
     known = line.split("known: ")[1].split(", ")
     assert "smollm2-same" in known and known == sorted(known)
     assert proc.stdout == ""
+
+
+def test_quick_runs_write_beside_full_results_not_over_them(monkeypatch) -> None:
+    from hidden_signatures import pipeline
+
+    for env in (pipeline.RESULTS_ENV, pipeline.FIGURES_ENV):
+        monkeypatch.setenv(env, "x")  # recorded, so the values quick_roots sets are undone afterwards
+        monkeypatch.delenv(env)
+    runner.quick_roots(False)
+    assert pipeline.results_root() == Path("results") and pipeline.figures_root() == Path("figures")
+    runner.quick_roots(True)
+    assert pipeline.results_root() == Path("results-quick") and pipeline.figures_root() == Path("figures-quick")
+    monkeypatch.setenv(pipeline.RESULTS_ENV, "/elsewhere")
+    runner.quick_roots(True)  # a root the user set is kept
+    assert pipeline.results_root() == Path("/elsewhere")

@@ -5,11 +5,13 @@
 Per pair, 01_data and 02_activations run once; 03_train, 04_analysis and 05_strengths run once
 per layer; 99_summary runs last over everything under results/. Executed copies land beside
 the results: results/<pair>/<notebook>.ipynb and results/<pair>/<layer>/<notebook>.ipynb.
+With --quick, everything goes to results-quick/ and figures-quick/ instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ DISTILL_NOTEBOOK = "06_distill"
 DISTILL_PAIRS = ("distill-kl", "distill-jacobian")
 VALIDATION_NOTEBOOK = "07_validation"
 DEFAULT_PAIRS_FILE = "default_pairs.txt"
+QUICK_RESULTS, QUICK_FIGURES = "results-quick", "figures-quick"
 
 
 def default_pairs(params_dir: Path) -> list[str]:
@@ -57,6 +60,13 @@ def plan(paths: list[Path], quick: bool) -> list[tuple[Path, params_mod.RunConfi
         layers = pipeline.validate(run)
         out.append((path, run, layers))
     return out
+
+
+def quick_roots(quick: bool) -> None:
+    """--quick writes to results-quick/ and figures-quick/ (unless the roots are set), never over a full run."""
+    if quick:
+        os.environ.setdefault(pipeline.RESULTS_ENV, QUICK_RESULTS)
+        os.environ.setdefault(pipeline.FIGURES_ENV, QUICK_FIGURES)
 
 
 def run_pair(path: Path, run: params_mod.RunConfig, layers: dict, notebooks_dir: Path, quick: bool,
@@ -96,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the notebooks over all pairs (06_distill, 07_validation, 99_summary)")
     args = parser.parse_args(argv)
     cwd = Path.cwd()
+    quick_roots(args.quick)
     try:
         names = args.pairs or default_pairs(args.params_dir)
         if not names:
