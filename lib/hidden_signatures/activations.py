@@ -337,9 +337,10 @@ class PairedActivations:
     """Row-aligned activations of models A and B at one layer each, scaled to mean norm sqrt(d).
 
     An `eval_fraction` of the sequences, spread evenly over the corpus, is held out for
-    evaluation. Rows whose norm exceeds `max_norm_ratio` times the median in either model (massive activations of attention-sink
-    tokens, about 0.01% of rows in SmolLM2's middle layers, with 100x the typical norm) are left
-    out of both: one such row would outweigh ten thousand ordinary ones in the squared error.
+    evaluation. Rows whose norm exceeds `max_norm_ratio` times the median in either model
+    (massive activations of attention-sink tokens, about 0.01% of rows in SmolLM2's middle layers,
+    with 100x the typical norm) are left out of both: one such row would outweigh ten thousand
+    ordinary ones in the squared error.
     """
 
     store_a: ActivationStore

@@ -114,7 +114,7 @@ def rank_zero_first() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Harvest (sharded) and train (DDP) the points of one params file under torchrun."""
-    from . import activations, models, pipeline
+    from . import models, pipeline
 
     parser = argparse.ArgumentParser(prog="python -m hidden_signatures.distributed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,12 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     with rank_zero_first():  # packaged-model conversion and corpus caches happen once
         layers = pipeline.validate(run)
         tokens = pipeline.pair_tokens(run)
-    store_a, store_b = pipeline.harvest(run, tokens, layers)
+    stores = pipeline.harvest(run, tokens, layers)
     for name in names:
-        rl = layers[pipeline.point(run, name).label]
-        data = activations.PairedActivations(store_a, store_b, rl.a, rl.b, run.harvest.eval_fraction,
-                                             run.harvest.max_norm_ratio)
-        pipeline.train_layer(run, name, data)
+        pipeline.train_layer(run, name, pipeline.paired(run, stores, layers[pipeline.point(run, name).label]))
     if active():
         dist.destroy_process_group()
     return 0

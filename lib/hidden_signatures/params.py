@@ -222,13 +222,12 @@ class RunConfig:
                 raise ParamsError(f"variants.{label}: must name a layer label ({', '.join(labels_of(self.layers))}) "
                                   "and hold a list of mappings like {architecture: batchtopk} or {seed: 1}")
         _choice("relationship", self.relationship, ("", "sanity", "finetuning", "distillation", "scale"))
-        for label in self.seed_floor.at or []:
-            if label not in labels_of(self.layers):
-                raise ParamsError(f"seed_floor.at: {label!r} is not a layer label here; accepted: "
-                                  f"{', '.join(labels_of(self.layers))}")
-        labels = [lp.label for lp in self.layers]
+        labels = labels_of(self.layers)
         if len(set(labels)) != len(labels):
             raise ParamsError(f"layers: labels repeat: {labels}")
+        for label in self.seed_floor.at or []:
+            if label not in labels:
+                raise ParamsError(f"seed_floor.at: {label!r} is not a layer label here; accepted: {', '.join(labels)}")
         if self.device != "auto" and not (self.device == "cpu" or self.device == "cuda"
                                           or (self.device.startswith("cuda:")
                                               and self.device[5:].isdigit())):

@@ -197,10 +197,13 @@ def harvest(run: RunConfig, tokens: PairTokens, layers: dict[str, ResolvedLayer]
 def open_pair(run: RunConfig, name: str) -> activations.PairedActivations:
     """The paired, scaled activations of one point's layer (harvesting first if stores are missing)."""
     layers = validate(run)
-    store_a, store_b = harvest(run, pair_tokens(run), layers)
-    rl = layers[point(run, name).label]
-    return activations.PairedActivations(store_a, store_b, rl.a, rl.b, run.harvest.eval_fraction,
-                                         run.harvest.max_norm_ratio)
+    return paired(run, harvest(run, pair_tokens(run), layers), layers[point(run, name).label])
+
+
+def paired(run: RunConfig, stores: tuple[activations.ActivationStore, activations.ActivationStore],
+           rl: ResolvedLayer) -> activations.PairedActivations:
+    """The two harvested stores read at one layer pair, with the run's eval split and outlier rule."""
+    return activations.PairedActivations(*stores, rl.a, rl.b, run.harvest.eval_fraction, run.harvest.max_norm_ratio)
 
 
 # -- comparison points: a layer, optionally with another architecture or seed ---------------

@@ -83,9 +83,12 @@ def lr_schedule(step: int, total: int, cfg: TrainConfig) -> float:
 
 def explained_variance(x_NA: torch.Tensor, xhat_NA: torch.Tensor) -> torch.Tensor:
     """1 - SSE / total variance (summed over dims), per PAPER.md."""
-    sse = (x_NA - xhat_NA).pow(2).sum()
-    tot = (x_NA - x_NA.mean(0)).pow(2).sum()
-    return 1 - sse / tot
+    return 1 - (x_NA - xhat_NA).pow(2).sum() / total_variance(x_NA)
+
+
+def total_variance(x_NA: torch.Tensor) -> torch.Tensor:
+    """Summed per-dimension variance of a batch (the denominator of explained variance)."""
+    return (x_NA - x_NA.mean(0)).pow(2).sum()
 
 
 class LossModule(nn.Module):
@@ -134,7 +137,7 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
     step, log = _resume(model, opt, out_dir / CHECKPOINT_DIR)
     loss_fn = _loss_fn(model, device)
     fired_since = torch.zeros(model.cfg.dict_size, dtype=torch.long, device=device)
-    window = {"loss": 0.0, "mse_a": 0.0, "mse_b": 0.0, "l0": 0.0, "ev_a": 0.0, "ev_b": 0.0, "n": 0}
+    window = dict.fromkeys(LOG_KEYS, 0.0) | {"n": 0}
     t0 = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", disable=rank != 0) as bar:
         while step < total:
@@ -192,7 +195,7 @@ def _step_numbers(parts, model, x_a, x_b, share: float) -> dict:
         n = x_a.shape[0]
         fired = parts.fired if parts.fired is not None else (model(x_a, x_b)[0] > 0).any(0)
         row = [parts.total.item(), parts.mse_a.item(), parts.mse_b.item(), parts.l0.item()]
-        row += [1 - row[1] * n / _total_variance_batch(x_a), 1 - row[2] * n / _total_variance_batch(x_b)]
+        row += [1 - row[1] * n / total_variance(x_a).item(), 1 - row[2] * n / total_variance(x_b).item()]
         if not distributed.active():
             return dict(zip(LOG_KEYS, row), fired=fired)
         world = torch.distributed.get_world_size()
@@ -208,11 +211,6 @@ def _accumulate(window: dict, numbers: dict, n: int, fired_since: torch.Tensor) 
         window[key] += numbers[key]
     window["n"] += 1
     fired_since.add_(n).masked_fill_(numbers["fired"], 0)
-
-
-def _total_variance_batch(x_NA: torch.Tensor) -> float:
-    """Summed per-dimension variance of a batch (the denominator of explained variance)."""
-    return (x_NA - x_NA.mean(0)).pow(2).sum().item()
 
 
 def _log_row(window: dict, step: int, cfg: TrainConfig, lam: float, opt, fired_since, t0) -> dict:
