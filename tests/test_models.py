@@ -181,3 +181,31 @@ def test_pick_device_rejects_non_devices(device: str) -> None:
     with pytest.raises(ValueError, match="not a device; accepted: auto, cpu, cuda") as err:
         models.pick_device(device)
     assert repr(device) in str(err.value)
+
+
+def test_model_report_is_measured_once_per_model_files_and_corpus(tiny_llama_dir, text_file, isolated_roots,
+                                                                  monkeypatch, tmp_path) -> None:
+    """A second pair with the same model reads the cached report; changed weights are measured again."""
+    import shutil
+    import time
+
+    from hidden_signatures import params, pipeline
+
+    run = params.from_dict({"name": "r", "model_a": str(tiny_llama_dir), "model_b": str(tiny_llama_dir),
+                            "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},
+                            "device": "cpu"})
+    first = pipeline.model_report(run, str(tiny_llama_dir), max_seqs=4)
+    assert first["held-out loss"] > 0 and first["blocks"] == 4
+    calls = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    assert pipeline.model_report(run, str(tiny_llama_dir), max_seqs=4) == first
+    assert calls == []
+    copy = shutil.copytree(tiny_llama_dir, tmp_path / "copy")
+    assert pipeline.model_report(run, str(copy), max_seqs=4)["held-out loss"] == first["held-out loss"]
+    assert len(calls) == 1  # another directory: measured
+    weights = next(copy.glob("*.safetensors"))
+    time.sleep(0.01)
+    weights.write_bytes(weights.read_bytes())  # rewritten (e.g. a rebuilt model): measured again
+    pipeline.model_report(run, str(copy), max_seqs=4)
+    assert len(calls) == 2

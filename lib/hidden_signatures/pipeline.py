@@ -24,6 +24,8 @@ RESULTS_ENV = "HIDDEN_SIGNATURES_RESULTS"
 FIGURES_ENV = "HIDDEN_SIGNATURES_FIGURES"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run_config.json"
+REPORTS_DIR = "model-reports"
+"""Cache dir (under the cache root) of model_report results."""
 
 
 def results_root() -> Path:
@@ -110,15 +112,35 @@ def load_run(params_file: str | Path, quick: bool = False, build_models: bool = 
 
 
 def model_report(run: RunConfig, spec: str, max_seqs: int = 32) -> dict:
-    """Blocks, width, parameters and held-out next-token loss of a model (on the `heldout` part)."""
+    """Blocks, width, parameters and held-out next-token loss of a model (on the `heldout` part).
+
+    Cached by model files, corpus and device: pairs that share a model (most share SmolLM2-135M)
+    measure it once.
+    """
     from . import finetune
 
-    model, tok = models.load_model(spec, device=models.pick_device(run.device), dtype=torch.float32)
+    device = models.pick_device(run.device)
+    cached = io.cache_root() / REPORTS_DIR / f"{_report_key(run, spec, max_seqs, device)}.json"
+    if cached.exists():
+        return io.read_json(cached)
+    model, tok = models.load_model(spec, device=device, dtype=torch.float32)
     ids = corpus.tokenize_part(run.corpus, tok, "heldout")[:max_seqs]
-    return {"blocks": models.num_blocks(model), "width": models.hidden_size(model),
-            "parameters (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "held-out loss": round(finetune.heldout_loss(model, ids, batch_size=8), 4),
-            "held-out tokens": int(ids.numel())}
+    report = {"blocks": models.num_blocks(model), "width": models.hidden_size(model),
+              "parameters (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+              "held-out loss": round(finetune.heldout_loss(model, ids, batch_size=8), 4),
+              "held-out tokens": int(ids.numel())}
+    io.write_json(cached, report)
+    return report
+
+
+def _report_key(run: RunConfig, spec: str, max_seqs: int, device: torch.device) -> str:
+    """What a model report depends on: the model's files (name, size, mtime), the corpus, the device."""
+    source = models.resolve_spec(spec)
+    path = Path(source)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()) \
+        if path.is_dir() else source
+    return io.config_hash({"model": source, "files": files, "corpus": asdict(run.corpus), "max_seqs": max_seqs,
+                           "device": device.type})
 
 
 # -- tokens -------------------------------------------------------------------------------

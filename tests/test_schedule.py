@@ -1,0 +1,103 @@
+"""The side-by-side runner: dependency order, the job limit, threads per job, and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from hidden_signatures import params, runner, schedule
+
+NOTEBOOK = '''# %% tags=["parameters"]
+name = "x"
+record = ""
+sleep = 0.0
+fail = False
+
+# %%
+import json, os, time
+t0 = time.time()
+time.sleep(sleep)
+if fail:
+    raise RuntimeError(f"task {name} failed on purpose")
+with open(record, "a") as fh:
+    fh.write(json.dumps({"name": name, "start": t0, "end": time.time(),
+                         "threads": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+'''
+
+
+def task(tmp_path: Path, name: str, after: tuple[str, ...] = (), **params) -> schedule.Task:
+    nb = tmp_path / "job.py"
+    nb.write_text(NOTEBOOK, encoding="utf-8")
+    return schedule.Task(name, nb, tmp_path / "out" / f"{name}.ipynb",
+                         {"name": name, "record": str(tmp_path / "record.jsonl"), **params}, after)
+
+
+def records(tmp_path: Path) -> dict[str, dict]:
+    path = tmp_path / "record.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {r["name"]: r for r in map(json.loads, lines)}
+
+
+def test_dependencies_wait_and_at_most_jobs_run_at_once(tmp_path) -> None:
+    tasks = [task(tmp_path, "a", sleep=1.5), task(tmp_path, "b", sleep=1.5), task(tmp_path, "c", sleep=1.5),
+             task(tmp_path, "d", after=("a", "b"))]
+    schedule.run_tasks(tasks, jobs=2, cwd=tmp_path)
+    rec = records(tmp_path)
+    assert set(rec) == {"a", "b", "c", "d"}
+    assert rec["d"]["start"] >= max(rec["a"]["end"], rec["b"]["end"])
+    spans = sorted((r["start"], r["end"]) for r in rec.values())
+    for t in (s for s, _ in spans):  # at every start, at most two tasks are inside their span
+        assert sum(1 for s, e in spans if s <= t < e) <= 2
+    assert {r["threads"] for r in rec.values()} == {str(schedule.threads_per_job(2))}
+    assert all(t.log.exists() for t in tasks)
+
+
+def test_a_failure_names_the_notebook_and_log_and_stops_the_rest(tmp_path, capsys) -> None:
+    tasks = [task(tmp_path, "bad", fail=True), task(tmp_path, "later", after=("bad",))]
+    with pytest.raises(schedule.TaskFailed, match=r"bad failed .*log: .*bad\.log"):
+        schedule.run_tasks(tasks, jobs=2, cwd=tmp_path)
+    assert "failed on purpose" in capsys.readouterr().err
+    assert "later" not in records(tmp_path)
+
+
+def test_a_failure_stops_the_running_side_job(tmp_path) -> None:
+    tasks = [task(tmp_path, "slow", sleep=60), task(tmp_path, "bad", fail=True)]
+    t0 = time.perf_counter()
+    with pytest.raises(schedule.TaskFailed):
+        schedule.run_tasks(tasks, jobs=2, cwd=tmp_path)
+    assert time.perf_counter() - t0 < 45
+    assert "slow" not in records(tmp_path)
+
+
+def test_dependencies_must_name_earlier_tasks(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'a': depends on \\['b'\\]"):
+        schedule.check_order([task(tmp_path, "a", after=("b",)), task(tmp_path, "b")])
+    with pytest.raises(ValueError, match="name repeats"):
+        schedule.check_order([task(tmp_path, "a"), task(tmp_path, "a")])
+
+
+def test_point_tasks_train_everything_first_and_analyse_a_layer_after_all_its_crosscoders() -> None:
+    run = params.load(ROOT / "params" / "smollm2-finetuned.yaml")
+    layers = {label: None for label in params.labels_of(run.layers)}
+    tasks = runner.point_tasks(run, layers, ROOT / "notebooks", {"params_file": "x", "quick": False})
+    names = [t.name for t in tasks]
+    trains = [n for n in names if n.startswith("03_train")]
+    assert names[:len(trains)] == trains and len(trains) == 7
+    by_name = {t.name: t for t in tasks}
+    middle = {n for n in trains if n.split()[1].startswith("middle")}
+    assert set(by_name["04_analysis middle"].after) == middle
+    assert set(by_name["04_analysis middle-seed1"].after) == middle
+    assert by_name["05_strengths middle-dfc"].after == ("04_analysis middle-dfc",)
+    assert "05_strengths middle-seed1" not in by_name  # seed repeats add headline metrics only
+    schedule.check_order(tasks)
+
+
+def test_runner_rejects_a_bad_jobs_value(capsys) -> None:
+    assert runner.main(["smollm2-same", "--jobs", "0", "--params-dir", str(ROOT / "params")]) == 2
+    assert "--jobs 0" in capsys.readouterr().err
