@@ -125,6 +125,84 @@ def test_aux_loss_positive_only_with_dead_latents() -> None:
     assert grad_rows[:10].sum() > 0 and grad_rows[10:].sum() == 0  # only dead latents learn
 
 
+
+def reference_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Plain reference: a stable descending sort's first n_keep flat indices (ties: lowest first)."""
+    return scores.flatten().sort(descending=True, stable=True).indices[:n_keep].sort().values
+
+
+def tied_scores(n: int, h: int, seed: int) -> torch.Tensor:
+    """ReLU'd bf16-rounded activations times per-latent norms: zeros and exact ties, as in training."""
+    gen = torch.Generator().manual_seed(seed)
+    acts = torch.relu(torch.randn(n, h, generator=gen)).bfloat16().float()
+    return acts * torch.rand(h, generator=gen).bfloat16().float()
+
+
+SELECTION_CASES = [  # (scores, n_keep): realistic, heavy ties, all kept, fewer positives than kept
+    (tied_scores(512, 4096, 0), 32 * 512),
+    (tied_scores(64, 48, 1), 4 * 64),
+    (torch.randint(0, 4, (100, 30), generator=torch.Generator().manual_seed(2)).float(), 700),
+    (torch.randint(0, 4, (100, 30), generator=torch.Generator().manual_seed(3)).float(), 1),
+    (tied_scores(5, 48, 4), 5 * 48),
+    (tied_scores(40, 48, 5), 1900),  # ~960 positive entries: the cut is at 0
+]
+
+
+@pytest.mark.parametrize("case", range(len(SELECTION_CASES)))
+def test_top_entries_matches_reference(case: int) -> None:
+    scores, n_keep = SELECTION_CASES[case]
+    idx = variants.top_entries(scores, n_keep)
+    assert torch.equal(idx, reference_top(scores, n_keep))
+    # the set of flatten().topk (the former selection) up to which equal values at the cut are kept
+    old = scores.flatten().topk(n_keep, sorted=False)
+    assert torch.equal(scores.flatten()[idx].sort().values, old.values.sort().values)
+    cut = old.values.min()
+    assert set(idx[scores.flatten()[idx] > cut].tolist()) == set(old.indices[old.values > cut].tolist())
+
+
+def test_top_entries_skewed_batch_and_nan() -> None:
+    scores = tied_scores(64, 48, 6)
+    scores[::variants.SAMPLE_STRIDE] += 100.0  # the sampled rows hold nearly all the top entries
+    n_keep = 8 * 64
+    assert variants.candidates(scores, n_keep, variants.SAMPLE_STRIDE).numel() == scores.numel()
+    assert torch.equal(variants.top_entries(scores, n_keep), reference_top(scores, n_keep))
+    scores[7, 3] = float("nan")  # NaN ranks as largest, as in topk
+    idx = variants.top_entries(scores, n_keep)
+    assert idx.numel() == n_keep and 7 * 48 + 3 in idx.tolist()
+    assert variants.top_entries(scores, 0).numel() == 0
+
+
+def test_batchtopk_loss_matches_plain_formulas() -> None:
+    """Selection, statistics and the aux loss against plain [N, H] computations (the former code)."""
+    model = crosscoder.build(make_cfg(dict_size=64, aux_k=6), seed=0).train()
+    with torch.no_grad():
+        model.b_enc[:8] = -5.0  # 8 latents that never fire but are dead only by their counters
+    model.dead_after_tokens = 100
+    model.num_tokens_since_fired[:12] = 500
+    x_a, x_b = random_batch(64, seed=3)
+    relu, scaled = (t.detach() for t in model.scaled_acts(x_a, x_b))
+    keep = torch.zeros(relu.numel(), dtype=torch.bool)
+    keep[reference_top(scaled, 4 * 64)] = True
+    f_ref = relu * keep.view_as(relu)
+    parts = model.loss(x_a, x_b)
+    dead = model.dead_mask()  # after this batch's counter update, as in the loss
+    assert 8 <= int(dead.sum()) < 12  # 0..7 never fire; some of 8..11 did
+    f = model.encode(x_a, x_b).detach()
+    assert torch.equal(f, f_ref)
+    assert torch.equal(parts.fired, (f_ref > 0).any(0))
+    assert parts.l0.item() == (f_ref > 0).float().sum(-1).mean().item()
+    norms = (model.W_dec_A.norm(dim=1) + model.W_dec_B.norm(dim=1)).detach()
+    torch.testing.assert_close(parts.sparsity, (f_ref * norms).sum(-1).mean())
+    assert model.threshold.item() == scaled[f_ref > 0].min().item()
+    assert torch.equal(model.num_tokens_since_fired == 0, (f_ref > 0).any(0))
+    # AuxK: the top aux_k dead latents of each token, ranked over all latents with the live masked out
+    idx = scaled.masked_fill(~dead, -torch.inf).topk(6, dim=-1).indices
+    aux_f = torch.zeros_like(relu).scatter(-1, idx, relu.gather(-1, idx))
+    err = torch.cat([x_a - f_ref @ model.W_dec_A - model.b_dec_A, x_b - f_ref @ model.W_dec_B - model.b_dec_B], -1)
+    rec = torch.cat([aux_f @ model.W_dec_A, aux_f @ model.W_dec_B], -1).detach()
+    aux_ref = (err - rec).pow(2).sum(-1).mean() / (err - err.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(parts.aux, aux_ref.detach())
+
 # -- dedicated features --------------------------------------------------------------------------
 def dfc_cfg(**overrides) -> CrosscoderConfig:
     return make_cfg(architecture="dfc", dict_size=24, dfc_sizes={"a_only": 6, "b_only": 5}, **overrides)
