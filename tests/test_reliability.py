@@ -32,6 +32,7 @@ LAYER_A, LAYER_B = 2, 1
 BATCH, STEPS, EVERY, DICT = 32, 60, 10, 64
 STEP_DELAY, HARVEST_DELAY = 0.03, 0.02  # seconds a throttled child waits per step / per forward
 TIMEOUT = 120.0
+RESEND_AFTER = 0.8  # s: a child still running this long after a signal missed it; send it again
 
 
 # -- shared inputs ---------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def run_child(path: Path, *args) -> subprocess.CompletedProcess:
 
 
 def interrupt_child(path: Path, args: list, ready: Path, sig: signal.Signals, linger: float) -> int:
-    """Start a child, wait until `ready` exists, wait `linger` s more, send `sig`; its return code."""
+    """Start a child, wait until `ready` exists, wait `linger` s more, send `sig` (again while it runs on); its return code."""
     proc = subprocess.Popen([sys.executable, str(path), *map(str, args)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -169,6 +170,13 @@ def interrupt_child(path: Path, args: list, ready: Path, sig: signal.Signals, li
         time.sleep(linger)
         assert proc.poll() is None, "child finished before it could be interrupted; raise the delay"
         proc.send_signal(sig)
+        while True:
+            try:
+                proc.wait(timeout=RESEND_AFTER)
+                break
+            except subprocess.TimeoutExpired:  # a SIGINT that lands inside a __del__ is ignored by Python
+                assert time.monotonic() < deadline, f"child still running {TIMEOUT} s after {sig.name}"
+                proc.send_signal(sig)
         proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
