@@ -158,7 +158,8 @@ def run_child(path: Path, *args) -> subprocess.CompletedProcess:
 
 
 def interrupt_child(path: Path, args: list, ready: Path, sig: signal.Signals, linger: float) -> int:
-    """Start a child, wait until `ready` exists, wait `linger` s more, send `sig` (again while it runs on); its return code."""
+    """Start a child, wait until `ready` exists, wait `linger` s more, send `sig` (again while it runs
+    on); its return code."""
     proc = subprocess.Popen([sys.executable, str(path), *map(str, args)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -170,14 +171,13 @@ def interrupt_child(path: Path, args: list, ready: Path, sig: signal.Signals, li
         time.sleep(linger)
         assert proc.poll() is None, "child finished before it could be interrupted; raise the delay"
         proc.send_signal(sig)
-        while True:
+        while True:  # communicate drains the pipes while it waits; it may be called again after a timeout
             try:
-                proc.wait(timeout=RESEND_AFTER)
+                proc.communicate(timeout=RESEND_AFTER)
                 break
             except subprocess.TimeoutExpired:  # a SIGINT that lands inside a __del__ is ignored by Python
-                assert time.monotonic() < deadline, f"child still running {TIMEOUT} s after {sig.name}"
+                assert time.monotonic() < deadline, f"child still running at its {TIMEOUT} s deadline after {sig.name}"
                 proc.send_signal(sig)
-        proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
