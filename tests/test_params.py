@@ -134,6 +134,11 @@ BAD = [
     (with_("quick", 5), "quick: 5 must be a mapping"),
     (with_("seed_floor.seeds", 0), "seed_floor.seeds: 0 must be a positive integer"),
     (with_("seed_floor.at", ["midle"]), "seed_floor.at: 'midle' is not a layer label here; accepted: first, "),
+    (with_("train_at", {"midle": {"tokens": 2048}}), "train_at.midle: must name a layer label (first, middle, last)"),
+    (with_("train_at", {"first": 2048}), "train_at.first: must name a layer label (first, middle, last) and hold"),
+    (with_("train_at", {"first": {"tokns": 2048}}), "train_at.first.tokns: unknown key; did you mean 'tokens'?"),
+    (with_("train_at", {"first": {"tokens": 100}}), "train.tokens: 100 is smaller than one batch"),
+    (with_("train_at", {"first": {"seed": 3}}), "train_at.first.seed: not accepted here; other seeds are variants"),
 ]
 
 
@@ -246,3 +251,24 @@ def test_seed_floor_adds_seeds_of_the_main_crosscoder_at_middle_by_default() -> 
 def test_seed_floor_does_not_repeat_a_seed_variant() -> None:
     data = with_("variants", {"middle": [{"architecture": "batchtopk", "k": 8}, {"seed": 2}]})
     assert points_of(data) == ["first", "middle", "middle-batchtopk", "middle-seed2", "middle-seed1", "last"]
+
+
+def test_train_at_changes_the_budget_of_every_crosscoder_at_that_layer_only() -> None:
+    from hidden_signatures import pipeline
+
+    data = with_("train_at", {"middle": {"tokens": 2048}})
+    pts = {p.name: p for p in pipeline.points(params.from_dict(data))}
+    assert {n: p.train.tokens for n, p in pts.items()} == \
+        {"first": 4096, "middle": 2048, "middle-seed1": 2048, "middle-seed2": 2048, "last": 4096}
+    assert [pts[n].train.seed for n in ("middle", "middle-seed1", "middle-seed2")] == [0, 1, 2]
+    plain = {p.name: p for p in pipeline.points(params.from_dict(BASE))}
+    assert pts["first"].train == plain["first"].train  # so its training key (and cache) is unchanged
+    assert pts["middle"].train != plain["middle"].train
+
+
+def test_sanity_pair_trains_its_first_block_and_seed_floor_on_a_third_of_the_budget() -> None:
+    from hidden_signatures import pipeline
+
+    run = params.load(PARAMS_DIR / "smollm2-same.yaml")
+    assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
+        {"first": 300_000, "first-seed1": 300_000, "first-seed2": 300_000, "middle": 1_000_000, "last": 1_000_000}

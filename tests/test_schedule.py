@@ -86,16 +86,57 @@ def test_point_tasks_train_everything_first_and_analyse_a_layer_after_all_its_cr
     run = params.load(ROOT / "params" / "smollm2-finetuned.yaml")
     layers = {label: None for label in params.labels_of(run.layers)}
     tasks = runner.point_tasks(run, layers, ROOT / "notebooks", {"params_file": "x", "quick": False})
-    names = [t.name for t in tasks]
+    names = [t.name.removeprefix("smollm2-finetuned ") for t in tasks]
     trains = [n for n in names if n.startswith("03_train")]
     assert names[:len(trains)] == trains and len(trains) == 7
-    by_name = {t.name: t for t in tasks}
-    middle = {n for n in trains if n.split()[1].startswith("middle")}
+    by_name = {t.name.removeprefix("smollm2-finetuned "): t for t in tasks}
+    middle = {f"smollm2-finetuned {n}" for n in trains if n.split()[1].startswith("middle")}
     assert set(by_name["04_analysis middle"].after) == middle
     assert set(by_name["04_analysis middle-seed1"].after) == middle
-    assert by_name["05_strengths middle-dfc"].after == ("04_analysis middle-dfc",)
+    assert by_name["05_strengths middle-dfc"].after == ("smollm2-finetuned 04_analysis middle-dfc",)
     assert "05_strengths middle-seed1" not in by_name  # seed repeats add headline metrics only
     schedule.check_order(tasks)
+
+
+def default_graph() -> list[schedule.Task]:
+    paths = [ROOT / "params" / f"{n}.yaml" for n in runner.default_pairs(ROOT / "params")]
+    runs = [(p, run, dict.fromkeys(params.labels_of(run.layers))) for p in paths for run in [params.load(p)]]
+    return runner.all_tasks(runs, ROOT / "notebooks", quick=False)
+
+
+def test_all_tasks_let_the_next_pairs_set_up_overlap_this_pairs_training() -> None:
+    tasks = default_graph()
+    schedule.check_order(tasks)
+    by_name = {t.name: t for t in tasks}
+    # set-ups lead the priority list; a pair's trainings wait for its own set-up only
+    assert [t.notebook.stem for t in tasks[:3]] == ["00_models", "01_data", "02_activations"]
+    assert by_name["smollm2-gemma3 00_models"].after == ("smollm2-same 00_models",)
+    assert by_name["smollm2-gemma3 02_activations"].after == ("smollm2-gemma3 01_data",)
+    assert by_name["smollm2-same 03_train last"].after == ("smollm2-same 02_activations",)
+    first_train = next(i for i, t in enumerate(tasks) if t.notebook.stem == "03_train")
+    assert {t.notebook.stem for t in tasks[:first_train]} == set(runner.PAIR_NOTEBOOKS)
+    # longest training first within a pair: the sanity pair's 1M-token crosscoders before its 0.3M ones
+    sanity = [t.parameters["layer"] for t in tasks if t.name.startswith("smollm2-same 03_train")]
+    assert sanity == ["middle", "last", "first", "first-seed1", "first-seed2"]
+
+
+def test_all_tasks_summary_notebooks_wait_for_what_they_read() -> None:
+    tasks = default_graph()
+    by_name = {t.name: t for t in tasks}
+    assert by_name[runner.VALIDATION_NOTEBOOK].after == ()  # planted ground truth: reads no pair
+    distill_after = set(by_name[runner.DISTILL_NOTEBOOK].after)
+    assert "distill-kl-vs-jacobian 05_strengths last" in distill_after
+    assert "distill-jacobian 04_analysis middle-seed2" in distill_after
+    assert not any(n.startswith("smollm2-gemma3 ") for n in distill_after)
+    assert set(by_name[runner.SUMMARY_NOTEBOOK].after) == set(by_name) - {runner.SUMMARY_NOTEBOOK}
+    assert tasks[-1].name == runner.SUMMARY_NOTEBOOK
+
+
+def test_missing_notebooks_drop_out_and_their_dependants_wait_on_what_they_waited_for(tmp_path) -> None:
+    a, b, c = task(tmp_path, "a"), task(tmp_path, "b", after=("a",)), task(tmp_path, "c", after=("b",))
+    b.notebook = tmp_path / "missing.py"
+    kept = runner._present([a, b, c])
+    assert [(t.name, t.after) for t in kept] == [("a", ()), ("c", ("a",))]
 
 
 def test_runner_rejects_a_bad_jobs_value(capsys) -> None:

@@ -14,6 +14,7 @@ remote execution) and the model is only built on the meta device here; see `harv
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -152,12 +153,16 @@ def harvest(spec: str, ids_SL: torch.Tensor, layers: list[int], positions: list[
     directory = (root or io.cache_root() / "activations") / key
     if verify_store(directory) is not None:
         return ActivationStore.open(directory)
-    rank, _ = distributed.init_from_env(device)
-    traced = _remote_model(spec) if remote is True else _local_model(spec, device, dtype, remote)
-    _fill_store(traced, ids_SL, layers, positions, directory, batch_size, desc or spec)
-    if rank == 0:
-        _finish_store(directory, spec, layers, traced.d_model, positions)
-    distributed.barrier()
+    rank, world = distributed.init_from_env(device)
+    # Pairs harvested side by side (schedule.py) may want the same store: one fills it, the other
+    # waits and reuses it. The ranks of one torchrun group fill it together, so they take no lock.
+    with io.file_lock(directory) if world == 1 else contextlib.nullcontext():
+        if verify_store(directory) is None:
+            traced = _remote_model(spec) if remote is True else _local_model(spec, device, dtype, remote)
+            _fill_store(traced, ids_SL, layers, positions, directory, batch_size, desc or spec)
+            if rank == 0:
+                _finish_store(directory, spec, layers, traced.d_model, positions)
+        distributed.barrier()
     return ActivationStore.open(directory)
 
 

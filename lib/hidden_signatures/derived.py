@@ -12,9 +12,7 @@ params file can also name directly as a local directory.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import corpus, io, lm_training, models
@@ -95,21 +93,10 @@ def build(run: RunConfig, spec: str) -> Path:
     """Train (or reuse) a derived model; returns its HF directory."""
     kind, base = parse(spec)
     out = directory(run, spec)
-    with _build_lock(out):  # two runs building the same model: the second waits, then reuses it
+    with io.file_lock(out):  # two runs building the same model: the second waits, then reuses it
         if lm_training.is_complete(out):
             return lm_training.model_dir(out)
         return _train(run, kind, base, out)
-
-
-@contextmanager
-def _build_lock(out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _train(run: RunConfig, kind: str, base: str, out: Path) -> Path:

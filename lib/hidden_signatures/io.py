@@ -7,6 +7,7 @@ Tensors only travel through safetensors; nothing here unpickles.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -31,6 +32,22 @@ def cache_root() -> Path:
     """The cache directory: $HIDDEN_SIGNATURES_CACHE or ~/.cache/hidden-signatures."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hidden-signatures"
     return Path(root).expanduser()
+
+
+@contextmanager
+def file_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `.<name>.lock` beside `target` (released on exit, or by the OS on a kill).
+
+    Two processes building the same cached artifact: the second waits, then finds it done.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -199,6 +199,8 @@ class RunConfig:
     """Extra crosscoders per layer label: {middle: [{architecture: batchtopk}, {seed: 1}]}."""
     seed_floor: SeedFloorConfig = field(default_factory=SeedFloorConfig)
     """Seeds 1..N-1 of the main crosscoder beside seed `train.seed`, at the listed layers."""
+    train_at: dict = field(default_factory=dict)
+    """Per-layer changes to `train` for every crosscoder at that layer: {first: {tokens: 300000}}."""
     finetune: dict = field(default_factory=dict)
     """Settings of a `finetune:<base>` model (lm_training.LMTrainConfig fields)."""
     distill: dict = field(default_factory=dict)
@@ -225,6 +227,14 @@ class RunConfig:
         labels = labels_of(self.layers)
         if len(set(labels)) != len(labels):
             raise ParamsError(f"layers: labels repeat: {labels}")
+        for label, changes in self.train_at.items():
+            if label not in labels or not isinstance(changes, dict):
+                raise ParamsError(f"train_at.{label}: must name a layer label ({', '.join(labels)}) and hold "
+                                  "a mapping of train fields like {tokens: 300000}")
+            if "seed" in changes:
+                raise ParamsError(f"train_at.{label}.seed: not accepted here; other seeds are variants "
+                                  "({seed: 1}) or the seed_floor")
+            self.train_for(label)  # validates the merged fields by name
         for label in self.seed_floor.at or []:
             if label not in labels:
                 raise ParamsError(f"seed_floor.at: {label!r} is not a layer label here; accepted: {', '.join(labels)}")
@@ -240,6 +250,10 @@ class RunConfig:
                 return lp
         raise ParamsError(f"layer {label!r}: not in this params file; accepted: "
                           f"{', '.join(lp.label for lp in self.layers)}")
+
+    def train_for(self, label: str) -> TrainConfig:
+        """The training settings of the crosscoders at one layer: `train` with that layer's train_at."""
+        return build(TrainConfig, {**asdict(self.train), **self.train_at.get(label, {})}, f"train_at.{label}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,7 +16,7 @@ import torch
 
 from . import activations, corpus, io, models
 from . import crosscoder as cc_mod
-from .params import CrosscoderSettings, ParamsError, RunConfig, labels_of
+from .params import CrosscoderSettings, ParamsError, RunConfig, TrainConfig, labels_of
 from .params import build as build_settings
 from .distributed import barrier, broadcast, rank_world
 
@@ -238,6 +238,8 @@ class Point:
     label: str
     crosscoder: CrosscoderSettings
     seed: int
+    train: TrainConfig
+    """The optimisation: the run's `train` with the layer's train_at, at this point's seed."""
     repeat: bool = False
     """Another seed of the layer's main crosscoder (the seed floor): headline metrics only."""
 
@@ -251,7 +253,7 @@ def points(run: RunConfig) -> list[Point]:
     """
     out = []
     for lp in run.layers:
-        out.append(Point(lp.label, lp.label, run.crosscoder, run.train.seed))
+        out.append(Point(lp.label, lp.label, run.crosscoder, run.train.seed, run.train_for(lp.label)))
         for raw in run.variants.get(lp.label, []):
             out.append(_variant(run, lp.label, raw))
         out += _seed_floor(run, lp.label, {p.name for p in out})
@@ -280,7 +282,8 @@ def _variant(run: RunConfig, label: str, raw: dict) -> Point:
         parts.append(f"seed{seed}")
     if len(parts) == 1:
         raise ParamsError(f"variants.{label}: {raw!r} changes neither the architecture nor the seed")
-    return Point("-".join(parts), label, settings, int(seed), repeat=settings == run.crosscoder)
+    train = dataclasses.replace(run.train_for(label), seed=int(seed))
+    return Point("-".join(parts), label, settings, int(seed), train, repeat=settings == run.crosscoder)
 
 
 def point(run: RunConfig, name: str) -> Point:
@@ -306,7 +309,7 @@ def training_key(run: RunConfig, pt: Point, data: activations.PairedActivations)
                            "layers": [data.layer_a, data.layer_b], "eval_fraction": run.harvest.eval_fraction,
                            "eval_split": activations.EVAL_SPLIT,
                            "max_norm_ratio": run.harvest.max_norm_ratio, "crosscoder": asdict(pt.crosscoder),
-                           "train": asdict(dataclasses.replace(run.train, seed=pt.seed))})
+                           "train": asdict(pt.train)})
 
 
 def train_layer(run: RunConfig, name: str, data: activations.PairedActivations | None = None) -> Path:
@@ -323,7 +326,7 @@ def train_layer(run: RunConfig, name: str, data: activations.PairedActivations |
     if lead:
         _clear_stale(out, key)
     model = cc_mod.build(crosscoder_config(pt.crosscoder, data), seed=pt.seed)
-    train_mod.train(model, data, dataclasses.replace(run.train, seed=pt.seed), pt.crosscoder.l1_coeff, out,
+    train_mod.train(model, data, pt.train, pt.crosscoder.l1_coeff, out,
                     device=models.pick_device(run.device), desc=f"{run.name}/{name}")  # starts with a barrier
     if lead:
         io.write_json(out / RUN_FILE, {"training_key": key, "run": run.to_dict(),

@@ -3,8 +3,10 @@
     python -m hidden_signatures.runner [--quick] [PAIR ...]
 
 Per pair, 00_models, 01_data and 02_activations run once, in order; then 03_train, 04_analysis
-and 05_strengths run once per crosscoder, `--jobs` at a time (see schedule.py); 06_distill and
-07_validation, then 99_summary, run last over everything under results/. Executed copies land beside
+and 05_strengths run once per crosscoder. All pairs' notebooks form one task graph run `--jobs`
+at a time (see schedule.py), so one pair's set-up overlaps another's training; 07_validation
+fills idle slots, 06_distill follows the distillation pairs, and 99_summary runs last over
+everything under results/. Executed copies land beside
 the results: results/<pair>/<notebook>.ipynb and results/<pair>/<layer>/<notebook>.ipynb.
 With --quick, everything goes to results-quick/ and figures-quick/ instead.
 """
@@ -12,6 +14,7 @@ With --quick, everything goes to results-quick/ and figures-quick/ instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -28,6 +31,8 @@ REPEAT_SKIPS = ("05_strengths",)
 SUMMARY_NOTEBOOK = "99_summary"
 DISTILL_NOTEBOOK = "06_distill"
 DISTILL_PAIRS = ("distill-kl", "distill-jacobian")
+DISTILL_READS = DISTILL_PAIRS + ("distill-kl-vs-jacobian",)
+"""Pairs whose results 06_distill reads (the last one when it ran)."""
 VALIDATION_NOTEBOOK = "07_validation"
 DEFAULT_PAIRS_FILE = "default_pairs.txt"
 QUICK_RESULTS, QUICK_FIGURES = "results-quick", "figures-quick"
@@ -78,52 +83,100 @@ def quick_roots(quick: bool) -> None:
         os.environ.setdefault(pipeline.FIGURES_ENV, QUICK_FIGURES)
 
 
-def run_pair(path: Path, run: params_mod.RunConfig, layers: dict, notebooks_dir: Path, quick: bool,
-             cwd: Path, jobs: int = 1) -> None:
-    """The pair's notebooks in order, then every crosscoder's 03/04/05, `jobs` at a time."""
-    base = {"params_file": str(path.resolve()), "quick": quick}
+def all_tasks(runs: list[tuple[Path, params_mod.RunConfig, dict]], notebooks_dir: Path, quick: bool,
+              summary: bool = True) -> list[schedule.Task]:
+    """Every notebook of the run as one task graph, in priority order (see schedule.run_tasks).
+
+    Pair set-ups come first: they unblock the most work, and the next pair's set-up runs beside
+    the previous pair's crosscoders instead of after them. Then every crosscoder's training,
+    then the analyses, then the notebooks over all pairs.
+    """
+    setup, trains, later, by_pair, previous = [], [], [], {}, ()
+    for path, run, layers in runs:
+        base = {"params_file": str(path.resolve()), "quick": quick}
+        pair = pair_tasks(run, notebooks_dir, base, previous)
+        previous = pair[:1]
+        points = point_tasks(run, layers, notebooks_dir, base, after=pair[-1:])
+        setup += pair
+        trains += [t for t in points if t.notebook.stem == "03_train"]
+        later += [t for t in points if t.notebook.stem != "03_train"]
+        by_pair[run.name] = pair + points
+    tasks = setup + trains + later
+    if summary:
+        tasks += summary_tasks({run.name: path for path, run, _ in runs}, by_pair, notebooks_dir, quick)
+    return _present(tasks)
+
+
+def pair_tasks(run: params_mod.RunConfig, notebooks_dir: Path, base: dict,
+               previous: list[schedule.Task]) -> list[schedule.Task]:
+    """00_models, 01_data, 02_activations of one pair, in order; 00_models after the previous
+    pair's (two pairs may build the same model). Two harvests of one store: see activations.harvest."""
     out_dir = pipeline.results_root() / run.name
+    tasks: list[schedule.Task] = []
     for name in PAIR_NOTEBOOKS:
-        _run_one(notebooks_dir / f"{name}.py", out_dir / f"{name}.ipynb", base, cwd)
-    run_tasks(point_tasks(run, layers, notebooks_dir, base), jobs, cwd)
+        after = tuple(t.name for t in (tasks[-1:] or previous))
+        tasks.append(schedule.Task(f"{run.name} {name}", notebooks_dir / f"{name}.py",
+                                   out_dir / f"{name}.ipynb", dict(base), after))
+    return tasks
 
 
-def point_tasks(run: params_mod.RunConfig, layers: dict, notebooks_dir: Path, base: dict) -> list[schedule.Task]:
-    """Train every crosscoder first (longest work first), then each layer's analyses once all its
-    crosscoders exist (04 sets them side by side), then each one's 05 after its 04."""
+def point_tasks(run: params_mod.RunConfig, layers: dict, notebooks_dir: Path, base: dict,
+                after: list[schedule.Task] = ()) -> list[schedule.Task]:
+    """Every crosscoder's training first (longest first), after `after` (the pair's set-up); then
+    each layer's analyses once all its crosscoders exist (04 sets them side by side), then each
+    one's 05 after its 04."""
     out_dir = pipeline.results_root() / run.name
-    all_points = pipeline.points(run)
+    all_points = sorted(pipeline.points(run), key=lambda p: -p.train.tokens)  # stable: else params order
     trains, later = [], []
     for label in layers:
         mine = [p for p in all_points if p.label == label]
-        layer_trains = [f"03_train {p.name}" for p in mine]
+        layer_trains = tuple(f"{run.name} 03_train {p.name}" for p in mine)
         for name in LAYER_NOTEBOOKS:
             for point in mine:
                 if point.repeat and name in REPEAT_SKIPS:
                     continue
-                after = {"03_train": (), "04_analysis": tuple(layer_trains),
-                         "05_strengths": (f"04_analysis {point.name}",)}[name]
-                task = schedule.Task(f"{name} {point.name}", notebooks_dir / f"{name}.py",
-                                     out_dir / point.name / f"{name}.ipynb", {**base, "layer": point.name}, after)
+                needs = {"03_train": tuple(t.name for t in after), "04_analysis": layer_trains,
+                         "05_strengths": (f"{run.name} 04_analysis {point.name}",)}[name]
+                task = schedule.Task(f"{run.name} {name} {point.name}", notebooks_dir / f"{name}.py",
+                                     out_dir / point.name / f"{name}.ipynb", {**base, "layer": point.name}, needs)
                 (trains if name == "03_train" else later).append(task)
-    return [t for t in trains + later if t.notebook.exists()]
+    order = [p.name for p in all_points]
+    trains.sort(key=lambda t: order.index(t.parameters["layer"]))
+    return trains + later
 
 
-def summary_tasks(names_run: dict[str, Path], notebooks_dir: Path, quick: bool) -> list[schedule.Task]:
-    """06_distill (when both distillation pairs ran) and 07_validation side by side, then 99_summary."""
+def summary_tasks(names_run: dict[str, Path], by_pair: dict[str, list[schedule.Task]], notebooks_dir: Path,
+                  quick: bool) -> list[schedule.Task]:
+    """07_validation (it needs nothing, so it fills idle slots), 06_distill once the distillation
+    pairs are done (when both ran), and 99_summary after everything."""
     root = pipeline.results_root()
-    tasks = []
+    tasks = [schedule.Task(VALIDATION_NOTEBOOK, notebooks_dir / f"{VALIDATION_NOTEBOOK}.py",
+                           root / f"{VALIDATION_NOTEBOOK}.ipynb", {"quick": quick})]
     if all(name in names_run for name in DISTILL_PAIRS):
+        reads = tuple(t.name for name in DISTILL_READS for t in by_pair.get(name, []))
         tasks.append(schedule.Task(DISTILL_NOTEBOOK, notebooks_dir / f"{DISTILL_NOTEBOOK}.py",
                                    root / f"{DISTILL_NOTEBOOK}.ipynb",
                                    {"kl_params": str(names_run[DISTILL_PAIRS[0]].resolve()),
-                                    "jacobian_params": str(names_run[DISTILL_PAIRS[1]].resolve()), "quick": quick}))
-    tasks.append(schedule.Task(VALIDATION_NOTEBOOK, notebooks_dir / f"{VALIDATION_NOTEBOOK}.py",
-                               root / f"{VALIDATION_NOTEBOOK}.ipynb", {"quick": quick}))
+                                    "jacobian_params": str(names_run[DISTILL_PAIRS[1]].resolve()), "quick": quick},
+                                   reads))
+    everything = [t.name for pair in by_pair.values() for t in pair] + [t.name for t in tasks]
     tasks.append(schedule.Task(SUMMARY_NOTEBOOK, notebooks_dir / f"{SUMMARY_NOTEBOOK}.py",
-                               root / f"{SUMMARY_NOTEBOOK}.ipynb", {"quick": quick},
-                               tuple(t.name for t in tasks)))
-    return [t for t in tasks if t.notebook.exists()]
+                               root / f"{SUMMARY_NOTEBOOK}.ipynb", {"quick": quick}, tuple(everything)))
+    return tasks
+
+
+def _present(tasks: list[schedule.Task]) -> list[schedule.Task]:
+    """The tasks whose notebook exists; one that waited on a missing task waits on what that one did."""
+    resolved: dict[str, tuple[str, ...]] = {}
+    out = []
+    for task in tasks:
+        after = tuple(dict.fromkeys(d for dep in task.after for d in resolved.get(dep, (dep,))))
+        if task.notebook.exists():
+            out.append(dataclasses.replace(task, after=after))
+            resolved[task.name] = (task.name,)
+        else:
+            resolved[task.name] = after
+    return out
 
 
 def run_tasks(tasks: list[schedule.Task], jobs: int, cwd: Path) -> None:
@@ -174,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        for path, run, layers in runs:
-            run_pair(path, run, layers, args.notebooks_dir, args.quick, cwd, args.jobs)
-        if not args.no_summary:
-            names_run = {run.name: path for path, run, _ in runs}
-            run_tasks(summary_tasks(names_run, args.notebooks_dir, args.quick), args.jobs, cwd)
+        run_tasks(all_tasks(runs, args.notebooks_dir, args.quick, summary=not args.no_summary), args.jobs, cwd)
     except schedule.TaskFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
