@@ -69,6 +69,7 @@ run_tests() {
 
 main() {
   setup
+  [ "${1:-}" = "lab" ] || log "$("$PY" -m hidden_signatures.precision)"
   case "${1:-}" in
     test) shift; run_tests "$@" ;;
     bench) shift; "$PY" -m benchmarks.run "$@" ;;

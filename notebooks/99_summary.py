@@ -15,7 +15,9 @@
 # trained with several seeds, the number is their mean and ± its spread (standard deviation):
 # the seed-noise floor a difference between pairs must clear. Beside alignment, its permutation
 # null (the same decoders with B's rows shuffled). Where a pair stands for one of the paper's
-# relationships, the paper's Figure 8 numbers sit beside ours. Written to `figures/summary/`.
+# relationships, the paper's Figure 8 numbers sit beside ours. The `precision` column says whether
+the numbers were computed in bf16 or fp32 (chosen by the hardware, see the README's Speed section).
+Written to `figures/summary/`.
 
 # %% tags=["parameters"]
 quick = False
@@ -31,6 +33,7 @@ frame
 
 # %%
 print(summary.markdown_table(frame))
+print(summary.precision_note(pipeline.results_root()))
 
 # %% [markdown]
 # ## Seed floor

@@ -45,14 +45,15 @@ def model_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
             "c": save_tiny_model(root / "c", "gpt2", hidden=24, seed=3, tokenizer=other_tok)}
 
 
-def tiny_run(a: Path, b: Path, text_file: Path, **harvest) -> params.RunConfig:
+def tiny_run(a: Path, b: Path, text_file: Path, dtype: str = "auto", **harvest) -> params.RunConfig:
     """A validated RunConfig with tiny sizes: 4-block models, 16-token sequences, 2000 harvested tokens."""
     return params.from_dict({
         "name": "determinism", "model_a": str(a), "model_b": str(b), "layers": [POINT],
         "corpus": {"source": str(text_file), "seq_len": 16},
-        "harvest": {"batch_size": 8, "max_tokens": 2000, **harvest},
+        "harvest": {"batch_size": 8, "max_tokens": 2000, "dtype": dtype, **harvest},
         "crosscoder": {"dict_size": 128},
-        "train": {"tokens": 24 * 128, "batch_size": 128, "lr": 3e-3, "checkpoint_every": 8, "log_every": 4},
+        "train": {"tokens": 24 * 128, "batch_size": 128, "lr": 3e-3, "checkpoint_every": 8, "log_every": 4,
+                  "dtype": dtype},
         "analysis": {"eval_tokens": 400, "splice_seqs": 2}, "device": "cpu"})
 
 
@@ -105,11 +106,19 @@ def test_activation_stores_are_identical_across_cache_roots(run, tmp_path, monke
     assert trees[0] == trees[1]
 
 
-# -- crosscoder, metrics, figures: one store, two results roots ------------------------------------------
-@pytest.fixture(scope="module")
-def trained_twice(run, tmp_path_factory) -> dict:
-    """Train and analyse the same point twice from one shared store, into two results/figures roots."""
-    base = tmp_path_factory.mktemp("det-results")
+# -- crosscoder, metrics, figures: one store, two results roots, in each precision -------------------------
+PRECISIONS = ("float32", "bfloat16")
+
+
+_TRAINED: dict[str, dict] = {}
+
+
+def train_twice(model_dirs, text_file, tmp_path_factory, dtype: str) -> dict:
+    """Train and analyse the same point twice from one shared store, into two results/figures roots (once per dtype)."""
+    if dtype in _TRAINED:
+        return _TRAINED[dtype]
+    run = tiny_run(model_dirs["a"], model_dirs["b"], text_file, dtype=dtype)
+    base = tmp_path_factory.mktemp(f"det-results-{dtype}")
     skip_png = chromium_missing()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ENV_CACHE, str(base / "cache"))
@@ -121,8 +130,25 @@ def trained_twice(run, tmp_path_factory) -> dict:
             mp.setenv(ENV_FIGURES, str(base / f"figures{i}"))
             pipeline.train_layer(run, POINT, data)
             analysis.analyse_layer(run, POINT, data)
-    return {"results": [base / f"results{i}" / run.name / POINT for i in (1, 2)],
-            "figures": [base / f"figures{i}" / run.name / POINT for i in (1, 2)], "skip_png": skip_png}
+    _TRAINED[dtype] = {"results": [base / f"results{i}" / run.name / POINT for i in (1, 2)],
+                       "figures": [base / f"figures{i}" / run.name / POINT for i in (1, 2)], "skip_png": skip_png,
+                       "dtype": dtype}
+    return _TRAINED[dtype]
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def trained_twice(model_dirs, text_file, tmp_path_factory, request) -> dict:
+    """The same point trained and analysed twice in one precision (explicit in params: auto is not involved)."""
+    return train_twice(model_dirs, text_file, tmp_path_factory, request.param)
+
+
+def test_the_two_precisions_give_different_crosscoders(model_dirs, text_file, tmp_path_factory) -> None:
+    """bf16 and fp32 runs really differ, so byte-identity is a promise per precision, not a no-op."""
+    fp32, bf16 = (train_twice(model_dirs, text_file, tmp_path_factory, d)["results"][0] for d in PRECISIONS)
+    assert (fp32 / cc_mod.WEIGHTS_FILE).read_bytes() != (bf16 / cc_mod.WEIGHTS_FILE).read_bytes()
+    m32, m16 = (io.read_json(d / pipeline.METRICS_FILE) for d in (fp32, bf16))
+    assert m32["precision"]["train"] == "float32" and m16["precision"]["train"] == "bfloat16"
+    assert m32["sharedness"] == pytest.approx(m16["sharedness"], abs=0.05)  # close, not equal
 
 
 def test_trained_crosscoder_is_identical(trained_twice) -> None:
@@ -152,6 +178,8 @@ def test_metrics_cover_the_stochastic_parts(trained_twice) -> None:
     assert metrics["point"] == POINT and metrics["tokens_trained"] == 24 * 128
     assert metrics["alignment_null_permutation"] is not None and metrics["splice"] is not None
     assert "shared_cosine_mean" in metrics  # equal widths: the cosine figure and number are made too
+    assert metrics["precision"]["harvest"] == metrics["precision"]["train"] == trained_twice["dtype"]
+    assert metrics["precision"]["capability"] and isinstance(metrics["precision"]["bf16_native"], bool)
 
 
 FIGURE_FILES = ["relative_norms.png", "cca_spectrum.png", "shared_cosines.png", "relative_norms.html"]

@@ -85,7 +85,7 @@ print(f"rank {{rank}} of {{world}} done", flush=True)
 
 def make_cfg() -> TrainConfig:
     return TrainConfig(tokens=BATCH * STEPS, batch_size=BATCH, lr=1e-2, l1_warmup_frac=0.1, lr_decay_frac=0.2,
-                       checkpoint_every=10, log_every=5, seed=7, autocast=False)
+                       checkpoint_every=10, log_every=5, seed=7, dtype="float32")
 
 
 def free_port() -> int:

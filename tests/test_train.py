@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -247,3 +248,20 @@ def test_explained_variance_of_perfect_and_mean_reconstructions() -> None:
     x = torch.randn(30, 5, dtype=torch.float64)
     assert tr.explained_variance(x, x).item() == 1.0
     assert tr.explained_variance(x, x.mean(0).expand_as(x)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+# -- precision: auto trains exactly as the explicit dtype it resolves to -----------------------------
+@pytest.mark.parametrize("native, dtype", [(False, "float32"), (True, "bfloat16")])
+def test_auto_precision_trains_as_the_dtype_it_resolves_to(data, tmp_path, monkeypatch, native, dtype) -> None:
+    from hidden_signatures import precision
+
+    choice = precision.Choice("cpu", "forced by the test", native, dtype, "test")
+    monkeypatch.setattr(precision, "detect", lambda device="cpu": choice)
+    cfg = make_cfg(tokens=BATCH * 10, checkpoint_every=100)
+    tr.train(fresh_model(data), data, dataclasses.replace(cfg, dtype="auto"), 0.5, tmp_path / "auto")
+    tr.train(fresh_model(data), data, dataclasses.replace(cfg, dtype=dtype), 0.5, tmp_path / "explicit")
+    other = "bfloat16" if dtype == "float32" else "float32"
+    tr.train(fresh_model(data), data, dataclasses.replace(cfg, dtype=other), 0.5, tmp_path / "other")
+    assert_same_weights(tmp_path / "auto", tmp_path / "explicit")
+    w = crosscoder.WEIGHTS_FILE
+    assert (tmp_path / "auto" / w).read_bytes() != (tmp_path / "other" / w).read_bytes()

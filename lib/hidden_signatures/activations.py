@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, io, models
+from . import distributed, io, models, precision
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -133,9 +133,12 @@ def model_identity(spec: str) -> str:
 
 
 def harvest(spec: str, ids_SL: torch.Tensor, layers: list[int], positions: list[torch.Tensor] | None = None,
-            batch_size: int = 8, dtype: str = "bfloat16", device: str | torch.device = "cpu",
+            batch_size: int = 8, dtype: str = "auto", device: str | torch.device = "cpu",
             root: Path | None = None, desc: str | None = None, remote: bool | str = False) -> ActivationStore:
     """Harvest (or reuse) the store of `spec` on these sequences, layers and positions.
+
+    `dtype` is the forward pass's: auto (bf16 where the device computes it natively, else fp32),
+    bfloat16 or float32; rows are stored as bf16 either way.
 
     remote=True runs every forward pass on NDIF (nnsight remote execution: needs NDIF_API_KEY set
     and a hub id that NDIF hosts; nnsight unpickles the server's replies). The model is only built
@@ -148,6 +151,7 @@ def harvest(spec: str, ids_SL: torch.Tensor, layers: list[int], positions: list[
                          "accepted: a hub id that NDIF hosts (or set harvest.remote: false)")
     positions = positions if positions is not None else all_but_first(*ids_SL.shape)
     layers = sorted(set(int(x) for x in layers))
+    dtype = dtype if remote is True else precision.resolve(dtype, distributed.local_device(device))
     identity = model_identity(spec) + ("@ndif" if remote is True else "")
     key = store_key(identity, ids_SL, positions, layers, dtype)
     directory = (root or io.cache_root() / "activations") / key

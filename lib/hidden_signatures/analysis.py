@@ -75,6 +75,7 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
         "svcca": metrics.svcca(x_a.double(), x_b.double()),
         "aligned_fraction": 1.0 if aligned_fraction is None else aligned_fraction,
         "paper_mean_n_rel": float(n_rel[live].mean()) if live.any() else None,
+        "precision": pipeline.precision_record(run, pt),
     }
     if data.d_a == data.d_b:
         cos = metrics.shared_cosines(W_A[live], W_B[live], a.shared_low, a.shared_high)
@@ -197,7 +198,7 @@ def splice_report(run: RunConfig, model: cc_mod.Crosscoder, data: PairedActivati
     held_out = np.flatnonzero(activations.eval_sequences(len(tokens.pos_a), data.eval_fraction))
     seqs = held_out[-min(run.analysis.splice_seqs, len(held_out)):].tolist()
     device = models.pick_device(run.device)
-    dtype = getattr(torch, run.harvest.dtype)
+    dtype = getattr(torch, pipeline.harvest_dtype(run))
     model_a, tok_a = models.load_model(run.model_a, device=device, dtype=dtype)
     model_b, tok_b = (model_a, tok_a) if run.model_b == run.model_a else \
         models.load_model(run.model_b, device=device, dtype=dtype)

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from . import corpus, io, lm_training, models
+from . import corpus, io, lm_training, models, precision
 from .params import ParamsError, RunConfig
 
 KINDS = ("finetune", "distill-kl", "distill-jacobian")
@@ -49,9 +49,21 @@ def train_config(run: RunConfig, kind: str):
         hint = f"; did you mean {close[0]!r}?" if close else f"; accepted: {', '.join(sorted(fields))}"
         raise ParamsError(f"{name}.{unknown[0]}: unknown key{hint}")
     try:
-        return cls(**raw)
+        cfg = cls(**raw)
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"{name}: {exc}") from None
+    return _resolved(cfg, run)
+
+
+def _resolved(cfg, run: RunConfig):
+    """The config with `autocast_dtype: auto` replaced by this device's precision (so the cache key names it)."""
+    if cfg.autocast_dtype != precision.AUTO:
+        return cfg
+    try:
+        device = models.pick_device(run.device)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
+    return dataclasses.replace(cfg, autocast_dtype=precision.resolve(precision.AUTO, device))
 
 
 def shape(run: RunConfig, spec: str) -> tuple[int, int]:

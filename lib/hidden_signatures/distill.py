@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import io
+from . import io, lm_training
 from .finetune import lm_loss
-from .lm_training import AUTOCAST_DTYPES, LMTrainConfig, StepFn, is_complete, model_dir, run
+from .lm_training import LMTrainConfig, StepFn, is_complete, model_dir, run
 
 OBJECTIVES = ("kl", "kl_jacobian")
 
@@ -234,11 +234,9 @@ def jacobian_agreement(teacher: nn.Module, student: nn.Module, input_ids_NT: tor
 
     Pass a `seed` not used in training so the directions are held out. Needs eager attention.
     """
-    if autocast_dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast_dtype={autocast_dtype!r}: accepted {sorted(AUTOCAST_DTYPES)}")
-    dtype = AUTOCAST_DTYPES[autocast_dtype]
     t_layer, s_layer = (None, None) if layer is None else layer
     device_t = next(teacher.parameters()).device
+    dtype = lm_training.autocast_dtype(autocast_dtype, device_t)
     device_s = next(student.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     modes = teacher.training, student.training

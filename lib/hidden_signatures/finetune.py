@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import io
-from .lm_training import AUTOCAST_DTYPES, LMTrainConfig, is_complete, model_dir, run
+from . import io, lm_training
+from .lm_training import LMTrainConfig, is_complete, model_dir, run
 
 
 def lm_loss(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -50,14 +50,12 @@ def finetune(model: nn.Module, tokenizer: Any, train_NT: torch.Tensor, cfg: LMTr
 
 @torch.no_grad()
 def heldout_loss(model: nn.Module, data_NT: torch.Tensor, batch_size: int = 8,
-                 autocast_dtype: str = "bfloat16") -> float:
+                 autocast_dtype: str = "auto") -> float:
     """Mean next-token cross entropy of `model` over every predicted token of `data_NT`."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    if autocast_dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast_dtype={autocast_dtype!r}: accepted {sorted(AUTOCAST_DTYPES)}")
-    dtype = AUTOCAST_DTYPES[autocast_dtype]
     device = next(model.parameters()).device
+    dtype = lm_training.autocast_dtype(autocast_dtype, device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

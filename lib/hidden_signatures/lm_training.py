@@ -32,14 +32,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import io
+from . import io, precision
 
 StepFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_CONFIG = "train_config.json"
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+AUTOCAST_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+"""Autocast settings; auto is resolved per device by precision.resolve (bf16 where native, else fp32)."""
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a setting on `device` (None: autocast off, plain fp32)."""
+    if setting not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_dtype={setting!r}: accepted {sorted(AUTOCAST_DTYPES)}")
+    return AUTOCAST_DTYPES[precision.resolve(setting, device) if setting == precision.AUTO else setting]
 
 
 @dataclass
@@ -66,8 +74,8 @@ class LMTrainConfig:
     """Append a log row (means over the interval) every this many steps."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of `lr`."""
-    autocast_dtype: str = "bfloat16"
-    """Autocast dtype for forward passes: bfloat16, float16 or float32 (autocast off)."""
+    autocast_dtype: str = "auto"
+    """Autocast dtype for forward passes: auto (bf16 where native, else fp32), bfloat16, float16 or float32 (off)."""
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size,
@@ -251,7 +259,7 @@ def _train_step(model: nn.Module, step_fn: StepFn, batch_BT: torch.Tensor, step:
     device = batch_BT.device
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    dtype = AUTOCAST_DTYPES[cfg.autocast_dtype]
+    dtype = autocast_dtype(cfg.autocast_dtype, device)
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(_mix(cfg.seed, step, salt=2))

@@ -16,12 +16,17 @@ from typing import Any
 
 import yaml
 
+from . import precision
 from .corpus import CorpusConfig
 from .crosscoder import ARCHITECTURES
 
 
 class ParamsError(ValueError):
     """A params file that cannot be run; the message is one line and names the field."""
+
+
+RENAMED = {"train.autocast": "train.autocast: replaced by train.dtype (accepted: auto, bfloat16, float32)"}
+"""Keys of earlier versions, with what to write instead."""
 
 
 @dataclass
@@ -43,8 +48,9 @@ class HarvestConfig:
     """Cap on harvested (paired) tokens; None harvests the whole crosscoder part."""
     eval_fraction: float = 0.1
     """Share of harvested sequences kept out of training for evaluation."""
-    dtype: str = "bfloat16"
-    """Forward-pass dtype: bfloat16 (fast on AMX CPUs and GPUs) or float32."""
+    dtype: str = "auto"
+    """Forward-pass dtype: auto (bf16 where the device computes it natively, else fp32), bfloat16 or float32.
+    The store keeps bf16 rows either way (storage only)."""
     min_aligned_fraction: float = 0.8
     """Warn when fewer positions than this pair up across two different tokenizers."""
     align: bool = True
@@ -59,7 +65,7 @@ class HarvestConfig:
         if self.max_tokens is not None:
             _positive("harvest.max_tokens", self.max_tokens)
         _in_range("harvest.eval_fraction", self.eval_fraction, 0.0, 0.5, low_open=True)
-        _choice("harvest.dtype", self.dtype, ("bfloat16", "float32"))
+        _choice("harvest.dtype", self.dtype, precision.SETTINGS)
         _in_range("harvest.min_aligned_fraction", self.min_aligned_fraction, 0.0, 1.0)
         if self.max_norm_ratio is not None:
             _in_range("harvest.max_norm_ratio", self.max_norm_ratio, 1.0, 1e6)
@@ -112,8 +118,9 @@ class TrainConfig:
     """Steps between checkpoints (resume point)."""
     log_every: int = 25
     """Steps between log rows."""
-    autocast: bool = True
-    """bf16 autocast for the matmuls (fp32 master weights)."""
+    dtype: str = "auto"
+    """Matmul precision: auto (bf16 autocast where the device computes bf16 natively, else fp32),
+    bfloat16 (autocast, fp32 master weights) or float32."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -129,6 +136,7 @@ class TrainConfig:
         _in_range("train.lr_decay_frac", self.lr_decay_frac, 0.0, 1.0)
         _positive("train.checkpoint_every", self.checkpoint_every)
         _positive("train.log_every", self.log_every)
+        _choice("train.dtype", self.dtype, precision.SETTINGS)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ParamsError(f"train.seed: {self.seed!r} must be a non-negative integer")
 
@@ -207,6 +215,9 @@ class RunConfig:
     """Settings of `distill-kl:<base>` / `distill-jacobian:<base>` students (distill.DistillConfig fields)."""
     quick: dict = field(default_factory=dict)
     """Overrides applied by --quick, e.g. {train: {tokens: 200000}}."""
+    fp32_cpu: dict = field(default_factory=dict)
+    """Overrides applied on a CPU without native bf16 (where `dtype: auto` means float32), to keep the
+    run's time target there, e.g. {train: {tokens: 400000}, quick: {train: {tokens: 20000}}}; the run says so."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     relationship: str = ""
@@ -324,6 +335,8 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
+        if key not in fields and path in RENAMED:
+            raise ParamsError(RENAMED[path])
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; accepted: {', '.join(fields)}"
@@ -394,10 +407,20 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def from_dict(data: dict, quick: bool = False) -> RunConfig:
-    """A validated RunConfig from a mapping; `quick` applies the file's own `quick` overrides."""
+    """A validated RunConfig from a mapping; `quick` applies the file's own `quick` overrides.
+
+    On a CPU without native bf16 the file's `fp32_cpu` overrides are merged in first (quick ones after).
+    """
     if not isinstance(data, dict):
         raise ParamsError(f"params: expected a mapping at the top level, got {type(data).__name__}")
     run = build(RunConfig, data)
+    if run.fp32_cpu:
+        try:  # checked on every machine, applied only where it counts
+            fp32_run = build(RunConfig, _merge(data, run.fp32_cpu))
+        except ParamsError as exc:
+            raise ParamsError(f"fp32_cpu overrides: {exc}") from None
+        if fp32_cpu_applies(run):
+            data, run = _merge(data, run.fp32_cpu), fp32_run
     if isinstance(run.quick, dict) and run.quick:
         try:  # a typo in the quick section is caught on every run, not only with --quick
             quick_run = build(RunConfig, _merge(data, run.quick))
@@ -406,6 +429,27 @@ def from_dict(data: dict, quick: bool = False) -> RunConfig:
         if quick:
             return quick_run
     return run
+
+
+def fp32_cpu_applies(run: RunConfig) -> bool:
+    """True on a CPU run where bf16 is not native (auto precision resolves to float32)."""
+    if run.device not in ("auto", "cpu"):
+        return False
+    if run.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return False
+    return precision.detect("cpu").dtype == "float32"
+
+
+def override_lines(overrides: dict, prefix: str = "") -> list[str]:
+    """`train.tokens: 400000`-style lines of an override section (nested quick overrides included)."""
+    lines = []
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        lines += override_lines(value, f"{path}.") if isinstance(value, dict) and value else [f"{path}: {value}"]
+    return lines
 
 
 def load(path: str | Path, quick: bool = False) -> RunConfig:

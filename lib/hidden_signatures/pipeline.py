@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import activations, corpus, io, models
+from . import activations, corpus, io, models, precision
 from . import crosscoder as cc_mod
 from .params import CrosscoderSettings, ParamsError, RunConfig, TrainConfig, labels_of
 from .params import build as build_settings
@@ -207,13 +207,26 @@ def _cap_sequences(ids_SL: torch.Tensor, max_tokens: int | None) -> torch.Tensor
 def harvest(run: RunConfig, tokens: PairTokens, layers: dict[str, ResolvedLayer]):
     """One harvest per model serving every layer; identical model and tokens share one store."""
     device = models.pick_device(run.device)
+    dtype = harvest_dtype(run)
     store_a = activations.harvest(run.model_a, tokens.ids_a, [rl.a for rl in layers.values()],
-                                  tokens.pos_a, run.harvest.batch_size, run.harvest.dtype, device,
+                                  tokens.pos_a, run.harvest.batch_size, dtype, device,
                                   desc=f"{run.name} A", remote=run.harvest.remote)
     store_b = activations.harvest(run.model_b, tokens.ids_b, [rl.b for rl in layers.values()],
-                                  tokens.pos_b, run.harvest.batch_size, run.harvest.dtype, device,
+                                  tokens.pos_b, run.harvest.batch_size, dtype, device,
                                   desc=f"{run.name} B", remote=run.harvest.remote)
     return store_a, store_b
+
+
+def harvest_dtype(run: RunConfig) -> str:
+    """The forward-pass dtype of the run's harvest and splice-in: harvest.dtype with auto resolved."""
+    return precision.resolve(run.harvest.dtype, models.pick_device(run.device))
+
+
+def precision_record(run: RunConfig, pt: "Point") -> dict:
+    """What metrics.json records of the precision: dtypes used and the machine facts behind auto."""
+    device = models.pick_device(run.device)
+    return {"harvest": harvest_dtype(run), "train": precision.resolve(pt.train.dtype, device),
+            **precision.detect(device).record()}
 
 
 def open_pair(run: RunConfig, name: str) -> activations.PairedActivations:
@@ -239,7 +252,7 @@ class Point:
     crosscoder: CrosscoderSettings
     seed: int
     train: TrainConfig
-    """The optimisation: the run's `train` with the layer's train_at, at this point's seed."""
+    """The optimisation: the run's `train` with the layer's train_at, at this point's seed (dtype as set)."""
     repeat: bool = False
     """Another seed of the layer's main crosscoder (the seed floor): headline metrics only."""
 
@@ -303,13 +316,18 @@ def crosscoder_config(settings: CrosscoderSettings, data: activations.PairedActi
                                    k=s.k, dfc_sizes=dict(s.dfc_sizes))
 
 
+def resolved_train(run: RunConfig, pt: Point) -> TrainConfig:
+    """The point's training settings with `dtype: auto` replaced by what this device computes fastest."""
+    return dataclasses.replace(pt.train, dtype=precision.resolve(pt.train.dtype, models.pick_device(run.device)))
+
+
 def training_key(run: RunConfig, pt: Point, data: activations.PairedActivations) -> str:
-    """Hash of everything that determines the trained crosscoder."""
+    """Hash of everything that determines the trained crosscoder (the precision as resolved)."""
     return io.config_hash({"stores": [data.store_a.directory.name, data.store_b.directory.name],
                            "layers": [data.layer_a, data.layer_b], "eval_fraction": run.harvest.eval_fraction,
                            "eval_split": activations.EVAL_SPLIT,
                            "max_norm_ratio": run.harvest.max_norm_ratio, "crosscoder": asdict(pt.crosscoder),
-                           "train": asdict(pt.train)})
+                           "train": asdict(resolved_train(run, pt))})
 
 
 def train_layer(run: RunConfig, name: str, data: activations.PairedActivations | None = None) -> Path:
@@ -326,7 +344,7 @@ def train_layer(run: RunConfig, name: str, data: activations.PairedActivations |
     if lead:
         _clear_stale(out, key)
     model = cc_mod.build(crosscoder_config(pt.crosscoder, data), seed=pt.seed)
-    train_mod.train(model, data, pt.train, pt.crosscoder.l1_coeff, out,
+    train_mod.train(model, data, resolved_train(run, pt), pt.crosscoder.l1_coeff, out,
                     device=models.pick_device(run.device), desc=f"{run.name}/{name}")  # starts with a barrier
     if lead:
         io.write_json(out / RUN_FILE, {"training_key": key, "run": run.to_dict(),

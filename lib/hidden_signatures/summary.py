@@ -21,7 +21,7 @@ PAPER_PAIRS = {"sanity": "GPT-2 vs GPT-2", "finetuning": "Gemma-2-2B vs IT",
 HEADLINE = ("sharedness", "alignment", "cka")
 COLUMNS = ["pair", "relationship", "layer", "architecture", "seeds", "sharedness", "sharedness_spread",
            "sharedness_null", "alignment", "alignment_spread", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
-           "dead_fraction", "aligned_fraction", "paper_sharedness", "paper_alignment"]
+           "dead_fraction", "aligned_fraction", "precision", "paper_sharedness", "paper_alignment"]
 
 
 def load_points(results_root: Path) -> pd.DataFrame:
@@ -36,8 +36,31 @@ def load_points(results_root: Path) -> pd.DataFrame:
                      "alignment": m["alignment"], "alignment_null": m.get("alignment_null_permutation"),
                      "cka": m.get("cka"), "svcca": m.get("svcca"), "ev_a": m["explained_variance"]["A"],
                      "ev_b": m["explained_variance"]["B"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
-                     "aligned_fraction": m.get("aligned_fraction")})
+                     "aligned_fraction": m.get("aligned_fraction"), "precision": _precision(m.get("precision")),
+                     "machine": _machine(m.get("precision"))})
     return pd.DataFrame(rows)
+
+
+def _precision(record: dict | None) -> str:
+    """`bfloat16`, `float32`, or `harvest X / train Y` when the two differ ('' for results of earlier versions)."""
+    if not record:
+        return ""
+    harvest, train = record.get("harvest", ""), record.get("train", "")
+    return harvest if harvest == train else f"harvest {harvest} / train {train}"
+
+
+def _machine(record: dict | None) -> str:
+    return "" if not record else f"{record.get('device', '')}, capability {record.get('capability', '')}"
+
+
+def precision_note(results_root: Path) -> str:
+    """One line: the precision(s) the results were computed in and on what hardware."""
+    points = load_points(results_root)
+    if points.empty:
+        return ""
+    used = ", ".join(sorted(p for p in set(points["precision"]) if p)) or "not recorded"
+    machines = "; ".join(sorted(m for m in set(points["machine"]) if m)) or "not recorded"
+    return f"Precision: {used} (device {machines})."
 
 
 def collect(results_root: Path) -> pd.DataFrame:
@@ -54,6 +77,7 @@ def collect(results_root: Path) -> pd.DataFrame:
         for col in ("sharedness", "sharedness_null", "alignment", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
                     "dead_fraction", "aligned_fraction"):
             row[col] = group[col].mean() if group[col].notna().any() else None
+        row["precision"] = ", ".join(sorted(set(group["precision"])))
         for col in ("sharedness", "alignment"):
             row[f"{col}_spread"] = group[col].std(ddof=1) if len(group) > 1 else None
         out.append(row)

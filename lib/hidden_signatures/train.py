@@ -1,4 +1,4 @@
-"""Crosscoder training: Adam, L1 warm-up, lr decay, bf16 autocast, checkpoints and exact resume.
+"""Crosscoder training: Adam, L1 warm-up, lr decay, bf16 autocast where native, checkpoints and exact resume.
 
 The batch order is a pure function of (seed, step), and the checkpoint holds the weights, the
 optimizer state and the log, so a run killed at any point and restarted ends with the same
@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import crosscoder as cc_mod
-from . import distributed, io
+from . import distributed, io, precision
 from .activations import PairedActivations
 from .params import TrainConfig
 
@@ -138,6 +138,7 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
     loss_fn = _loss_fn(model, device)
     fired_since = torch.zeros(model.cfg.dict_size, dtype=torch.long, device=device)
     window = dict.fromkeys(LOG_KEYS, 0.0) | {"n": 0}
+    autocast = precision.resolve(cfg.dtype, device) == "bfloat16"
     t0 = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", disable=rank != 0) as bar:
         while step < total:
@@ -147,7 +148,7 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
             for group in opt.param_groups:
                 group["lr"] = lr_schedule(step, total, cfg)
             lam = l1_schedule(step, total, cfg, l1_coeff)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 parts = loss_fn(x_a, x_b, lam)
             share = len(mine) * world / len(idx)  # 1.0 unless the batch does not split evenly
             numbers = _step_numbers(parts, model, x_a, x_b, share)
