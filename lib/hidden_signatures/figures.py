@@ -4,7 +4,9 @@ Builders take plain tensors / arrays / lists and return a `go.Figure`; they neve
 `save_figure` is the only writer. Histograms are binned here with numpy (exact edges, the
 right edge included) and drawn as bars, so a figure holds `bins` numbers, not every latent.
 PNG export needs a Chromium (kaleido 1.x drives one); one kaleido server is started per
-process, after which an image costs about 0.1 s.
+process, after which an image costs about 0.1 s. Kaleido can start rendering before its page's
+script has loaded (a stale load event on a busy machine, see `_is_page_not_ready`); that one
+error restarts the server and retries, a bounded number of times.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,11 @@ PLOTLYJS_MODES = ("directory", "inline")
 PLOTLYJS_BUNDLE = "plotly.min.js"
 INSTALL_HINT = ("no Chromium found for PNG export (kaleido 1.x needs one): run `apt-get install -y chromium`, "
                 "or set BROWSER_PATH to a Chrome/Chromium executable, or run `kaleido_get_chrome`")
+
+# kaleido's start-up race (see _is_page_not_ready): attempts per PNG, and the waits (s) before attempts 2 and 3
+RENDER_ATTEMPTS = 3
+RESTART_BACKOFF_S = (0.5, 2.0)
+PAGE_NOT_READY = "ReferenceError: kaleido_scopes is not defined"
 
 _server_lock = threading.Lock()
 _server_started = False
@@ -292,13 +300,55 @@ def _ensure_server() -> None:
     _server_started = True
 
 
-def _render_png(fig: go.Figure, width: int, height: int, scale: float) -> bytes:
-    """PNG bytes of `fig` from the shared kaleido server (serialised: the server is one queue)."""
+def _stop_server() -> None:
+    """Stop the shared kaleido server and its Chromium, so that the next render starts a fresh one."""
+    global _server_started
     import kaleido
 
+    kaleido.stop_sync_server(silence_warnings=True)
+    _server_started = False
+
+
+def _is_page_not_ready(exc: BaseException) -> bool:
+    """True only for kaleido's start-up race: a render ran before the page's script defined `kaleido_scopes`.
+
+    kaleido's `_KaleidoTab.navigate` waits for any `Page.loadEventFired` on the tab; the load event of
+    Chromium's own start-up page, arriving late on a busy machine, releases it while kaleido's page still loads.
+    """
+    from kaleido.errors import JavascriptError
+
+    return isinstance(exc, JavascriptError) and PAGE_NOT_READY in str(exc)
+
+
+def _render_once(fig: go.Figure, opts: dict[str, Any]) -> bytes:
+    """One render on the shared server, started first if it is not running."""
+    import kaleido
+
+    _ensure_server()
+    return kaleido.calc_fig_sync(fig, opts=opts)
+
+
+def _render_png(fig: go.Figure, width: int, height: int, scale: float) -> bytes:
+    """PNG bytes of `fig` from the shared kaleido server (serialised: the server is one queue).
+
+    On kaleido's start-up race only, the server is restarted and the render retried (RENDER_ATTEMPTS
+    in all); any other error propagates at once. The server is stopped at exit by kaleido's atexit hook.
+    """
+    opts = {"format": "png", "width": width, "height": height, "scale": scale}
     with _server_lock:
-        _ensure_server()
-        return kaleido.calc_fig_sync(fig, opts={"format": "png", "width": width, "height": height, "scale": scale})
+        for attempt in range(1, RENDER_ATTEMPTS + 1):
+            try:
+                return _render_once(fig, opts)
+            except Exception as exc:
+                if not _is_page_not_ready(exc):
+                    raise
+                _stop_server()
+                if attempt == RENDER_ATTEMPTS:
+                    raise RuntimeError(
+                        f"PNG export failed: kaleido rendered before its page had loaded ({PAGE_NOT_READY!r}) "
+                        f"in all {RENDER_ATTEMPTS} attempts, its Chromium restarted after each") from exc
+                time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S)) - 1])
+    raise AssertionError("unreachable: every attempt returns or raises")
 
 
 def _div_id(stem: str) -> str:
