@@ -67,7 +67,7 @@ def test_harvest_float32_equals_hidden_states(arch, model_dirs, tiny_tokenizer, 
 def test_harvest_bfloat16_matches_bf16_forward(arch, model_dirs, tiny_tokenizer, tmp_path) -> None:
     spec = str(model_dirs[arch])
     ids = make_ids(4, len(tiny_tokenizer), tiny_tokenizer.bos_token_id, seed=1)
-    store = activations.harvest(spec, ids, LAYERS, batch_size=4, root=tmp_path)
+    store = activations.harvest(spec, ids, LAYERS, batch_size=4, dtype="bfloat16", root=tmp_path)
     positions = activations.all_but_first(*ids.shape)
     for layer in LAYERS:
         ref = reference_rows(spec, ids, layer, positions, torch.bfloat16)
