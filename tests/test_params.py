@@ -42,7 +42,18 @@ DELETE = object()
 
 
 # -- good inputs -----------------------------------------------------------------------------------
-def test_shipped_smollm2_same_loads() -> None:
+@pytest.fixture
+def bf16_machine(monkeypatch) -> None:
+    """The shipped budgets as on a CPU with native bf16 (elsewhere their fp32_cpu sections apply)."""
+    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "bfloat16")
+
+
+@pytest.fixture
+def fp32_machine(monkeypatch) -> None:
+    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "float32")
+
+
+def test_shipped_smollm2_same_loads(bf16_machine) -> None:
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert run.name == "smollm2-same" and run.model_a == run.model_b == "smollm2-135m"
     assert [(lp.label, lp.a, lp.b) for lp in run.layers] == [("first", "first", "first"),
@@ -268,9 +279,19 @@ def test_train_at_changes_the_budget_of_every_crosscoder_at_that_layer_only() ->
     assert pts["middle"].train != plain["middle"].train
 
 
-def test_sanity_pair_trains_its_first_block_and_seed_floor_on_a_third_of_the_budget() -> None:
+def test_sanity_pair_trains_its_first_block_and_seed_floor_on_a_third_of_the_budget(bf16_machine) -> None:
     from hidden_signatures import pipeline
 
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
         {"first": 300_000, "first-seed1": 300_000, "first-seed2": 300_000, "middle": 1_000_000, "last": 1_000_000}
+
+
+def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_machine) -> None:
+    from hidden_signatures import pipeline
+
+    run = params.load(PARAMS_DIR / "smollm2-same.yaml")
+    assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
+        {"first": 100_000, "first-seed1": 100_000, "first-seed2": 100_000, "middle": 330_000, "last": 330_000}
+    assert run.harvest.max_tokens == 100_000
+    assert params.load(PARAMS_DIR / "smollm2-same.yaml", quick=True).train.tokens == 15_000
