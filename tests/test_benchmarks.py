@@ -1,7 +1,9 @@
 """Smoke test of benchmarks/run.py on a tiny random model: every result is written and positive.
 
 No timing assertions: tiny sizes say nothing about speed (the real numbers come from
-`bash run_all.sh bench`). The variant losses are checked against the library's loss.
+`bash run_all.sh bench`). The variant losses are checked against the library's loss. Both
+precisions the run can pick are covered by forcing `dtype: auto` (HIDDEN_SIGNATURES_PRECISION),
+so the checks do not depend on this machine's CPU.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ if str(ROOT) not in sys.path:  # benchmarks/ sits beside lib/, at the project ro
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import run as bench  # noqa: E402
-from hidden_signatures import activations, io  # noqa: E402
+from hidden_signatures import activations, io, precision  # noqa: E402
 from hidden_signatures import crosscoder as cc_mod  # noqa: E402
 
 ENTRY_KEYS = {"name", "ours_s", "baseline_s", "ratio", "ratio_of_mins", "repeats", "target", "met"}
-N_ENTRIES = 2 + 7 + 3 + 1  # harvest, training step (+ 5 variants), end to end, growth
+N_ENTRIES = 2 + 2 + 7 + 3 + 1  # matmul (2 shapes), harvest, training step (+ 5 variants), end to end, growth
+SUMMARY_KEYS = {"device", "capability", "bf16_native", "dtype", "reason", "bf16_speedup"}
 
 
 def tiny_bench(model_dir) -> bench.BenchConfig:
@@ -30,17 +33,25 @@ def tiny_bench(model_dir) -> bench.BenchConfig:
     return bench.BenchConfig(model=str(model_dir), harvest_seqs=3, seq_len=12, repeats=1, d_a=16, d_b=24,
                              dict_size=64, batch_size=32, trained_l0=8, compile=False, e2e_tokens=120,
                              e2e_steps=3, e2e_batch=16, e2e_dict=32, growth_steps=(2, 4),
-                             store_rows=(200, 600), memory_steps=2)
+                             store_rows=(200, 600), memory_steps=2, run_matmul=(16, 16, 48),
+                             matmul_call_s=0.01)
 
 
-def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch):
+def names(results: dict, prefix: str) -> list[str]:
+    return [e["name"] for e in results["ratios"] if e["name"].startswith(prefix)]
+
+
+@pytest.mark.parametrize("chosen", ["bfloat16", "float32"])
+def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(precision.FORCE_ENV, chosen)  # what auto picks here, on any CPU
     model_dir = save_tiny_model(tmp_path / "tiny", tokenizer=tiny_tokenizer)
     out = tmp_path / "out"
     bench.run(tiny_bench(model_dir), out)
 
     results = io.read_json(out / bench.RESULTS_JSON)
-    assert len(results["ratios"]) == N_ENTRIES
+    assert len(results["ratios"]) == N_ENTRIES, [e["name"] for e in results["ratios"]]
+    assert results["skipped"] == []  # tiny bf16 calls are always affordable
     for entry in results["ratios"]:
         assert set(entry) == ENTRY_KEYS, entry
         assert entry["ours_s"] > 0 and entry["baseline_s"] > 0 and entry["target"] > 0, entry
@@ -53,9 +64,81 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch):
     assert memory[0]["store_rows"] < memory[1]["store_rows"]
     assert all(m["peak_rss_mib"] >= m["peak_anon_mib"] > 0 for m in memory)
     assert results["checks"]["harvest_ours_equals_limit"] is True  # both sides read the same tensor
-    assert results["machine"]["cpu_count"] > 0 and results["machine"]["torch"] == torch.__version__
+    machine = results["machine"]
+    assert machine["cpu_count"] > 0 and machine["torch"] == torch.__version__ and machine["cpu"]
+    assert machine["torch_threads"] == torch.get_num_threads() > 0
+    assert len(machine["load_average"]) == 3 and len(machine["load_average_end"]) == 3
+
+    # the precision the run used: recorded, and every "ours" and every bound ran in it
+    short = bench.SHORT[chosen]
+    assert set(machine["precision"]) == SUMMARY_KEYS
+    assert machine["precision"]["dtype"] == chosen and precision.FORCE_ENV in machine["precision"]["reason"]
+    assert machine["precision"]["capability"].startswith(machine["cpu_capability"])
+    assert results["checks"]["harvest_dtype"] == chosen
+    assert results["checks"]["step_precision"] == ("bf16 autocast" if chosen == "bfloat16" else "fp32")
+    assert results["checks"]["step_ours_autocast"] is (chosen == "bfloat16")
+    assert results["checks"]["step_bound_dtype"] == chosen
+
+    # the new row: bf16 vs fp32 matmul at the default run's shape and at the paper-sized step's
+    matmul = names(results, "matmul ")
+    assert matmul == [f"matmul 16x16 @ 16x48 (the default run's encoder): {short} (chosen) vs "
+                      f"{'fp32' if chosen == 'bfloat16' else 'bf16'}",
+                      f"matmul 32x16 @ 16x64 (the paper-sized step's encoder): {short} (chosen) vs "
+                      f"{'fp32' if chosen == 'bfloat16' else 'bf16'}"]
+    records = results["precision"]["matmul"]
+    assert [r["shape"] for r in records] == [[16, 16, 48], [32, 16, 64]]
+    for r, entry in zip(records, (e for e in results["ratios"] if e["name"] in matmul)):
+        assert r["fp32_s"] > 0 and r["bf16_s"] > 0 and r["products_per_call"] >= 1
+        assert r["bf16_speedup"] == pytest.approx(r["fp32_s"] / r["bf16_s"], rel=2e-3)
+        expected = r["bf16_speedup"] if chosen == "bfloat16" else 1 / r["bf16_speedup"]
+        assert entry["ratio"] == pytest.approx(expected, rel=5e-3) and entry["target"] == 1.0
+
+    harvest = {e["name"]: e for e in results["ratios"] if e["name"].startswith("harvest")}
+    limit = next(e for name, e in harvest.items() if "limit" in name)
+    assert f"ours ({short}) vs limit (plain {short} forward stopped at the block)" in limit["name"]
+    assert limit["target"] == (0.95 if chosen == "bfloat16" else 0.9)
+    assert any(f"ours ({short}, dtype auto) vs original (fp32" in name for name in harvest)
+    label = "bf16 autocast" if chosen == "bfloat16" else "fp32"
+    step = names(results, "training step (")
+    assert len(step) == 2 and "bf16 autocast vs fp32 step" in step[0]
+    assert step[1].endswith(f"ours ({label}) vs the bare {short} matmuls of the same step")
+    assert len(names(results, f"training step variant ({label}): ")) == 5
+    assert names(results, "end to end (")[0].endswith(f"ours ({short}) vs original (fp32)")
+
     table = (out / bench.RESULTS_MD).read_text()
     assert all(entry["name"] in table for entry in results["ratios"])
+    first = table.splitlines()[0]
+    assert first.startswith("Machine: ") and f"precision auto -> {chosen}" in first
+    assert machine["cpu"] in first and f"torch {torch.__version__}" in first and "Load average at start" in first
+
+
+def test_emulated_bf16_over_budget_is_recorded_not_timed(tmp_path, monkeypatch):
+    """fp32 chosen (bf16 emulated) and a budget nothing fits: the bf16-only measurements are listed, not run."""
+    monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(precision.FORCE_ENV, "float32")
+    cfg = bench.BenchConfig(repeats=1, d_a=16, d_b=24, dict_size=64, batch_size=32, trained_l0=8, compile=False,
+                            run_matmul=(16, 16, 48), matmul_call_s=0.01, bf16_budget_s=1e-12)
+    results = bench.run(cfg, tmp_path, stem="emulated", parts=("matmul", "training step"))
+    assert (tmp_path / "emulated.json").exists() and (tmp_path / "emulated.md").exists()
+    skipped = [s["name"] for s in results["skipped"]]
+    assert len(skipped) == 3, skipped
+    assert skipped[0].startswith("matmul 32x16 @ 16x64") and "bf16 autocast" in skipped[1]
+    assert bench.BF16_WEIGHTS in skipped[2]
+    assert all(s["estimated_s"] > s["budget_s"] for s in results["skipped"])
+    got = [e["name"] for e in results["ratios"]]
+    assert len(got) == 1 + 5 and got[0].startswith("matmul 16x16 @ 16x48")  # the default run's shape is always timed
+    assert not any("bf16 autocast vs fp32" in n or bench.BF16_WEIGHTS in n for n in got)
+    table = (tmp_path / "emulated.md").read_text()
+    assert table.count("| not timed |") == 3 and "Not timed: " in table
+
+    monkeypatch.setenv(precision.FORCE_ENV, "bfloat16")  # bf16 chosen: it is what we run, never skipped
+    results = bench.run(cfg, tmp_path, stem="native", parts=("matmul",))
+    assert results["skipped"] == [] and len(results["ratios"]) == 2
+
+
+def test_unknown_part_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="accepted: matmul"):
+        bench.run(bench.BenchConfig(), tmp_path, parts=("matmuls",))
 
 
 @pytest.mark.parametrize("loss_fn", [bench.fused_l1_loss, bench.sparse_decoder_loss])
@@ -91,6 +174,12 @@ def test_config_validation_and_quick():
         bench.BenchConfig(store_rows=(10, 5))
     with pytest.raises(ValueError, match="dict_size"):
         bench.BenchConfig(dict_size=0)
+    with pytest.raises(ValueError, match="run_matmul"):
+        bench.BenchConfig(run_matmul=(512, 576))
+    with pytest.raises(ValueError, match="bf16_budget_s"):
+        bench.BenchConfig(bf16_budget_s=0)
+    with pytest.raises(ValueError, match="matmul_call_s"):
+        bench.BenchConfig(matmul_call_s=-1.0)
     full, quick = bench.BenchConfig(), bench.BenchConfig().quick()
     for f in fields(full):
         if isinstance(getattr(full, f.name), int) and not isinstance(getattr(full, f.name), bool):
