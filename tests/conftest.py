@@ -105,3 +105,18 @@ def text_file(tmp_path_factory) -> Path:
     paragraphs = [f"Paragraph {i}. " + TINY_TEXT[i * 37: i * 37 + 900] for i in range(40)]
     path.write_text("\n\n".join(paragraphs), encoding="utf-8")
     return path
+
+
+def _chromium_or_none() -> str | None:
+    """The Chromium kaleido would use, or None when the machine has none."""
+    from hidden_signatures import figures
+
+    try:
+        return figures.find_chromium()
+    except RuntimeError:
+        return None
+
+
+needs_chromium = pytest.mark.skipif(
+    _chromium_or_none() is None,
+    reason="no Chrome/Chromium on this machine (apt-get install -y chromium); PNG export cannot run")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+from conftest import needs_chromium
 import torch
 
 from hidden_signatures import figures as F
@@ -19,17 +20,6 @@ from hidden_signatures import figures as F
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _chromium_or_none() -> str | None:
-    """The Chromium kaleido would use, or None when the machine has none."""
-    try:
-        return F.find_chromium()
-    except RuntimeError:
-        return None
-
-
-needs_chromium = pytest.mark.skipif(
-    _chromium_or_none() is None,
-    reason="no Chrome/Chromium on this machine (apt-get install -y chromium); PNG export cannot run")
 
 
 def _n_rel(seed: int = 0) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import needs_chromium
 
 from hidden_signatures import figures as F
 
@@ -28,17 +29,6 @@ OTHER_JS_MESSAGE = ("{'result': {'type': 'object', 'subtype': 'error', 'classNam
 SIZE = {"width": 300, "height": 200, "scale": 1}
 
 
-def _chromium_or_none() -> str | None:
-    """The Chromium kaleido would use, or None when the machine has none."""
-    try:
-        return F.find_chromium()
-    except RuntimeError:
-        return None
-
-
-needs_chromium = pytest.mark.skipif(
-    _chromium_or_none() is None,
-    reason="no Chrome/Chromium on this machine (apt-get install -y chromium); PNG export cannot run")
 
 
 def _figure() -> Any:
