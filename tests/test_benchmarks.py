@@ -30,7 +30,8 @@ SUMMARY_KEYS = {"device", "capability", "bf16_native", "dtype", "reason", "bf16_
 
 def tiny_bench(model_dir) -> bench.BenchConfig:
     """Every size tiny: the whole run takes seconds."""
-    return bench.BenchConfig(model=str(model_dir), harvest_seqs=3, seq_len=12, repeats=1, d_a=16, d_b=24,
+    return bench.BenchConfig(model=str(model_dir), harvest_seqs=3, seq_len=12, repeats=1, harvest_repeats=1,
+                             d_a=16, d_b=24,
                              dict_size=64, batch_size=32, trained_l0=8, compile=False, e2e_tokens=120,
                              e2e_steps=3, e2e_batch=16, e2e_dict=32, growth_steps=(2, 4),
                              store_rows=(200, 600), memory_steps=2, run_matmul=(16, 16, 48),
