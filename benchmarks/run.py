@@ -734,9 +734,10 @@ def _cpuinfo() -> list[str]:
 def machine_line(results: dict) -> str:
     """One line: CPU, torch, threads, what auto picks and why, the bf16 speed-up, load averages."""
     m, p = results["machine"], results["machine"]["precision"]
-    speedup = f"{p['bf16_speedup']:.2f}x" if p.get("bf16_speedup") is not None else "not measured"
+    speedup = f"{p['bf16_speedup']:.3g}x" if p.get("bf16_speedup") is not None else "not measured"
     records = results.get("precision", {}).get("matmul", [])
-    measured = "; ".join(f"{r['what']} {r['bf16_speedup']:.2f}x" for r in records)
+    measured = "; ".join(f"{r['what']} {r['bf16_speedup']:.3g}x" + (
+        f" (bf16 {1 / r['bf16_speedup']:.0f}x slower)" if r["bf16_speedup"] < 1 else "") for r in records)
     emulation = (" Emulated AVX2-only CPU: " + " ".join(f"{k}={v}" for k, v in m["emulation"].items()) + "."
                  if m.get("emulation") else "")
     return (f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
