@@ -166,6 +166,38 @@ def test_resume_is_bit_for_bit(reference, data, tmp_path, capsys) -> None:
     assert comparable(log) == comparable(ref_log)
 
 
+def test_resume_is_bit_for_bit_on_the_sparse_step(data, tmp_path, capsys) -> None:
+    """The sparse step (forced: sparse_below 1) reruns and resumes bit for bit too."""
+    cfg = make_cfg(sparse_below=1.0)
+    ref_log = tr.train(fresh_model(data), data, cfg, l1_coeff=0.5, out_dir=tmp_path / "ref")
+
+    def die(step, x_a, x_b):
+        if step == 23:
+            raise Interrupt("killed")
+        return x_a, x_b
+
+    with pytest.raises(Interrupt):
+        tr.train(fresh_model(data), Faulty(data, die), cfg, l1_coeff=0.5, out_dir=tmp_path / "resumed")
+    log = tr.train(fresh_model(data), data, cfg, l1_coeff=0.5, out_dir=tmp_path / "resumed")
+    assert "resuming from step 20" in capsys.readouterr().out
+    assert_same_weights(tmp_path / "ref", tmp_path / "resumed")
+    assert comparable(log) == comparable(ref_log)
+
+
+def test_fused_and_autograd_steps_train_the_same_crosscoder(data, tmp_path) -> None:
+    """The default fused step and autograd through Crosscoder.loss differ only by float rounding
+    (which Adam may blow up to a full step on a few near-zero gradients, hence the norm test)."""
+    logs = [tr.train(fresh_model(data), data, make_cfg(step=step, dtype="float32"), l1_coeff=0.5,
+                     out_dir=tmp_path / step) for step in ("fused", "autograd")]
+    fused, plain = crosscoder.load(tmp_path / "fused"), crosscoder.load(tmp_path / "autograd")
+    assert (fused.W_enc_A != plain.W_enc_A).any()  # really two computations
+    for name in crosscoder.PARAM_NAMES:
+        a, b = getattr(fused, name), getattr(plain, name)
+        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-6, name
+    for row, ref_row in zip(*logs):
+        assert row["loss"] == pytest.approx(ref_row["loss"], rel=1e-4)
+
+
 def test_nan_in_data_names_the_step_and_keeps_the_checkpoint(data, tmp_path) -> None:
     def on_get(step, x_a, x_b):
         if step == 13:

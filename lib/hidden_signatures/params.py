@@ -25,6 +25,7 @@ class ParamsError(ValueError):
     """A params file that cannot be run; the message is one line and names the field."""
 
 
+STEPS = ("fused", "autograd")
 RENAMED = {"train.autocast": "train.autocast: replaced by train.dtype (accepted: auto, bfloat16, float32)"}
 """Keys of earlier versions, with what to write instead."""
 
@@ -121,6 +122,13 @@ class TrainConfig:
     dtype: str = "auto"
     """Matmul precision: auto (bf16 autocast where the device computes bf16 natively, else fp32),
     bfloat16 (autocast, fp32 master weights) or float32."""
+    step: str = "fused"
+    """How the ReLU+L1 crosscoder's step is computed: fused (a hand-written forward and backward,
+    dense or, below train.sparse_below, over the fired latents only) or autograd (through
+    Crosscoder.loss). Variants (batchtopk, dfc) always use autograd."""
+    sparse_below: float = 0.02
+    """A batch whose share of active (token, latent) pairs is below this takes the sparse step
+    (0 never, 1 always); measured by `bash run_all.sh bench` (README, Speed)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +145,8 @@ class TrainConfig:
         _positive("train.checkpoint_every", self.checkpoint_every)
         _positive("train.log_every", self.log_every)
         _choice("train.dtype", self.dtype, precision.SETTINGS)
+        _choice("train.step", self.step, STEPS)
+        _in_range("train.sparse_below", self.sparse_below, 0.0, 1.0)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ParamsError(f"train.seed: {self.seed!r} must be a non-negative integer")
 

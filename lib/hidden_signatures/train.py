@@ -1,4 +1,7 @@
-"""Crosscoder training: Adam, L1 warm-up, lr decay, bf16 autocast where native, checkpoints and exact resume.
+"""Crosscoder training: Adam, L1 warm-up, lr decay, bf16 where native, checkpoints and exact resume.
+
+The plain ReLU+L1 crosscoder's step runs through fused_loss (hand-written backward, sparse once
+few latents fire); variants run through autograd under bf16 autocast where that is native.
 
 The batch order is a pure function of (seed, step), and the checkpoint holds the weights, the
 optimizer state and the log, so a run killed at any point and restarted ends with the same
@@ -7,7 +10,7 @@ weights, bit for bit on CPU, as an uninterrupted one.
 Under torchrun (see distributed.py) the crosscoder is wrapped in DistributedDataParallel: every
 rank computes the same global batch and trains on every world-th row of it, so the global batch,
 and up to float rounding the result, are those of one process. DDP averages gradients only of
-work done in its own forward, so it wraps LossModule, whose forward is the crosscoder's loss.
+work done in its own forward, so it wraps LossModule, whose forward is the step's loss.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import crosscoder as cc_mod
-from . import distributed, io, precision
+from . import distributed, fused_loss, io, precision
 from .activations import PairedActivations
 from .params import TrainConfig
 
@@ -92,27 +95,35 @@ def total_variance(x_NA: torch.Tensor) -> torch.Tensor:
 
 
 class LossModule(nn.Module):
-    """The crosscoder's loss as a forward pass, for DistributedDataParallel to wrap.
+    """The training step's loss as a forward pass, for DistributedDataParallel to wrap.
 
     DDP averages the gradients of work done inside its forward only, and Crosscoder.forward
     returns latents and reconstructions, not the loss (whose L1 term also reads the decoder norms).
     """
 
-    def __init__(self, crosscoder: cc_mod.Crosscoder):
+    def __init__(self, crosscoder: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device):
         super().__init__()
         self.crosscoder = crosscoder
+        self.bf16 = precision.resolve(cfg.dtype, device) == "bfloat16"
+        self.fused = cfg.step == "fused" and fused_loss.supports(crosscoder)
+        self.sparse_below = cfg.sparse_below
 
     def forward(self, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: float) -> cc_mod.LossParts:
-        return self.crosscoder.loss(x_NA, x_NB, l1_coeff)
+        if self.fused:
+            dtype = torch.bfloat16 if self.bf16 else torch.float32
+            return fused_loss.loss(self.crosscoder, x_NA, x_NB, l1_coeff, dtype, self.sparse_below)
+        with torch.autocast(x_NA.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.crosscoder.loss(x_NA, x_NB, l1_coeff)
 
 
-def _loss_fn(model: cc_mod.Crosscoder, device: torch.device):
-    """model.loss in one process; the same through a DDP-wrapped LossModule in a process group."""
+def _loss_fn(model: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device):
+    """The step's loss in one process; the same through DistributedDataParallel in a process group."""
+    module = LossModule(model, cfg, device)
     if not distributed.active():
-        return model.loss
+        return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(LossModule(model), device_ids=[device] if device.type == "cuda" else None)
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
 def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l1_coeff: float,
@@ -135,10 +146,9 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
     total = n_steps(cfg)
     distributed.barrier()  # e.g. rank 0 has removed a stale checkpoint before anyone resumes
     step, log = _resume(model, opt, out_dir / CHECKPOINT_DIR)
-    loss_fn = _loss_fn(model, device)
+    loss_fn = _loss_fn(model, cfg, device)
     fired_since = torch.zeros(model.cfg.dict_size, dtype=torch.long, device=device)
     window = dict.fromkeys(LOG_KEYS, 0.0) | {"n": 0}
-    autocast = precision.resolve(cfg.dtype, device) == "bfloat16"
     t0 = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", disable=rank != 0) as bar:
         while step < total:
@@ -148,8 +158,7 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
             for group in opt.param_groups:
                 group["lr"] = lr_schedule(step, total, cfg)
             lam = l1_schedule(step, total, cfg, l1_coeff)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                parts = loss_fn(x_a, x_b, lam)
+            parts = loss_fn(x_a, x_b, lam)
             share = len(mine) * world / len(idx)  # 1.0 unless the batch does not split evenly
             numbers = _step_numbers(parts, model, x_a, x_b, share)
             if not math.isfinite(numbers["loss"]):

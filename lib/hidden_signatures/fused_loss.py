@@ -1,0 +1,152 @@
+"""The ReLU+L1 crosscoder's loss with a hand-written backward: dense, or sparse over the latents that fired.
+
+Crosscoder.loss through autograd pays, per step, for every latent of every token in ten matmuls
+and a dozen [N, H] elementwise passes. Here the two models' sides are stacked (one matmul of
+width dA + dB where autograd runs two), the backward keeps no pre-activations, and once few
+latents fire the decoder, the decoder-weighted L1 and the encoder's weight gradient are computed
+only at the fired (token, latent) pairs (CSR products), so only the encoder's forward stays dense.
+
+Both paths give Crosscoder.loss's value and gradients to float tolerance (tests/test_fused_loss.py).
+Which path a batch takes is a pure function of that batch's latents (`sparse_below`), so reruns
+and resumed runs take the same paths and stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .crosscoder import Crosscoder, LossParts
+
+SPARSE_BELOW = 0.02
+"""Default: a batch whose share of active (token, latent) pairs is below this takes the sparse
+path (measured by `bash run_all.sh bench`, row "sparse vs dense step"; see the README)."""
+
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """True for the plain ReLU+L1 crosscoder (variants change the encoder or decoder and keep autograd)."""
+    return type(model) is Crosscoder
+
+
+def loss(model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: float,
+         dtype: torch.dtype = torch.float32, sparse_below: float = SPARSE_BELOW) -> LossParts:
+    """Crosscoder.loss's LossParts, computed by the fused function (matmuls in `dtype`)."""
+    stats: dict = {}
+    total = _FusedLoss.apply(x_NA, x_NB, model.W_enc_A, model.W_enc_B, model.b_enc, model.W_dec_A,
+                             model.W_dec_B, model.b_dec_A, model.b_dec_B, float(l1_coeff), dtype,
+                             float(sparse_below), stats)
+    return LossParts(total=total, mse_a=stats["mse_a"], mse_b=stats["mse_b"], sparsity=stats["sparsity"],
+                     l0=stats["l0"], fired=stats["fired"])
+
+
+class _Sparse:
+    """The fired (token, latent) pairs of f in CSR order (by token), and the same pairs by latent."""
+
+    def __init__(self, f_NH: torch.Tensor):
+        N, H = f_NH.shape
+        flat = f_NH.view(-1).nonzero().squeeze(1)
+        self.shape = (N, H)
+        self.row, self.col = flat // H, flat % H
+        self.vals = f_NH.view(-1)[flat].float()
+        self.crow = _crow(self.row, N)
+        self.by_latent = torch.argsort(self.col, stable=True)
+        self.crow_T = _crow(self.col[self.by_latent], H)
+        self.row_T = self.row[self.by_latent]
+
+    @property
+    def nnz(self) -> int:
+        return self.row.numel()
+
+    def csr(self, vals: torch.Tensor) -> torch.Tensor:
+        """[N, H] CSR with these values at the fired pairs."""
+        return _csr(self.crow, self.col, vals, self.shape)
+
+    def csr_T(self, vals: torch.Tensor) -> torch.Tensor:
+        """[H, N] CSR (the transpose) with these values (given in token order) at the fired pairs."""
+        return _csr(self.crow_T, self.row_T, vals[self.by_latent], self.shape[::-1])
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch calls its CSR support beta; the products used here are tested
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=False)
+
+
+def _crow(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+class _FusedLoss(torch.autograd.Function):
+    """total = sum_m mean_n |xhat_m - x_m|^2 + l1 * mean_n sum_i f_ni (|d_Ai| + |d_Bi|), f = relu(enc)."""
+
+    @staticmethod
+    def forward(ctx, x_NA, x_NB, W_enc_A, W_enc_B, b_enc, W_dec_A, W_dec_B, b_dec_A, b_dec_B,
+                l1, dtype, sparse_below, stats):
+        N = x_NA.shape[0]
+        xc = (x_NA.to(dtype), x_NB.to(dtype))
+        f_NH = torch.addmm(b_enc.to(dtype), xc[0], W_enc_A.to(dtype))
+        f_NH.addmm_(xc[1], W_enc_B.to(dtype)).relu_()
+        norms = (W_dec_A.detach().norm(dim=1), W_dec_B.detach().norm(dim=1))
+        nnz = int(torch.count_nonzero(f_NH))
+        sparse = _Sparse(f_NH) if nnz < sparse_below * f_NH.numel() else None
+        if sparse is None:
+            W_dec = (W_dec_A.to(dtype), W_dec_B.to(dtype))
+            xhat = [(f_NH @ W).float() for W in W_dec]
+            fired = f_NH.amax(0) > 0
+            f_sum_H = torch.sum(f_NH, 0, dtype=torch.float32)
+        else:
+            W_dec = (torch.cat([W_dec_A, W_dec_B], 1),)  # one CSR product for both sides, in fp32
+            xhat = list((sparse.csr(sparse.vals) @ W_dec[0]).split([W_dec_A.shape[1], W_dec_B.shape[1]], 1))
+            fired = torch.bincount(sparse.col, minlength=f_NH.shape[1]) > 0
+            f_sum_H = torch.zeros(f_NH.shape[1], device=f_NH.device).index_add_(0, sparse.col, sparse.vals)
+            f_NH = None
+        err = [xh + b - x.float() for xh, b, x in zip(xhat, (b_dec_A, b_dec_B), (x_NA, x_NB))]
+        mse_a, mse_b = (e.pow(2).sum() / N for e in err)
+        sparsity = f_sum_H @ (norms[0] + norms[1]) / N
+        stats.update(mse_a=mse_a, mse_b=mse_b, sparsity=sparsity, fired=fired,
+                     l0=torch.tensor(nnz / N, dtype=torch.float32))
+        ctx.save_for_backward(*xc, f_NH, *err, *norms, f_sum_H, W_dec_A, W_dec_B, *W_dec)
+        ctx.sparse, ctx.l1, ctx.dtype = sparse, l1, dtype
+        return mse_a + mse_b + l1 * sparsity
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        xa, xb, f_NH, err_a, err_b, norm_a, norm_b, f_sum_H, W_dec_A, W_dec_B, *W_dec = ctx.saved_tensors
+        N = xa.shape[0]
+        go = grad_total.float()
+        g = (err_a * (2 * go / N), err_b * (2 * go / N))  # d total / d xhat, per model
+        l1_H = (go * ctx.l1 / N) * (norm_a + norm_b)  # d total / d f_ni, from the L1 term
+        if ctx.sparse is None:
+            dW_enc, db_enc_H, dW_dec = _dense_backward((xa, xb), f_NH, W_dec, g, l1_H, ctx.dtype)
+        else:
+            dW_enc, db_enc_H, dW_dec = _sparse_backward(ctx.sparse, (xa, xb), W_dec[0], g, l1_H)
+        # the L1 term's pull on the decoder norms: l1 / N * sum_n f_ni * d_i / |d_i|
+        scale_H = (go * ctx.l1 / N) * f_sum_H
+        dW_dec_A = dW_dec[0].float() + W_dec_A * (scale_H / norm_a.clamp_min(1e-12))[:, None]
+        dW_dec_B = dW_dec[1].float() + W_dec_B * (scale_H / norm_b.clamp_min(1e-12))[:, None]
+        return (None, None, dW_enc[0].float(), dW_enc[1].float(), db_enc_H, dW_dec_A, dW_dec_B,
+                g[0].sum(0), g[1].sum(0), None, None, None, None)
+
+
+def _dense_backward(xc, f_NH, W_dec, g, l1_H, dtype):
+    """Gradients for (W_enc_A, W_enc_B), b_enc, (W_dec_A, W_dec_B), every latent of every token."""
+    gc = [gm.to(dtype) for gm in g]
+    dW_dec = [f_NH.T @ gm for gm in gc]
+    g_NH = torch.addmm(l1_H.to(dtype), gc[0], W_dec[0].T).addmm_(gc[1], W_dec[1].T)
+    g_NH = torch.ops.aten.threshold_backward(g_NH, f_NH, 0)  # zero where the latent did not fire
+    return [x.T @ g_NH for x in xc], torch.sum(g_NH, 0, dtype=torch.float32), dW_dec
+
+
+def _sparse_backward(sp: _Sparse, xc, W_dec_HD, g, l1_H):
+    """The same gradients from the fired pairs only: SDDMM for d f, CSR products for the weights."""
+    widths = [gm.shape[1] for gm in g]
+    g_ND = torch.cat(g, 1)
+    g_vals = torch.sparse.sampled_addmm(sp.csr(torch.zeros_like(sp.vals)), g_ND, W_dec_HD.T).values()
+    g_vals = g_vals + l1_H[sp.col]
+    dW_dec = (sp.csr_T(sp.vals) @ g_ND).split(widths, 1)
+    dW_enc_HD = sp.csr_T(g_vals) @ torch.cat([x.float() for x in xc], 1)
+    db_enc_H = torch.zeros_like(l1_H).index_add_(0, sp.col, g_vals)
+    return [part.T for part in dW_enc_HD.split(widths, 1)], db_enc_H, dW_dec
