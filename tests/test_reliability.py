@@ -79,7 +79,8 @@ def without_seconds(log: list[dict]) -> list[dict]:
 # -- child processes -------------------------------------------------------------------------------
 TRAIN_SCRIPT = '''
 """Train a crosscoder on two stores; argv: store_a store_b out_dir delay. Prints the batches it ran."""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started with SIGINT ignored
 from hidden_signatures import activations, crosscoder, train
 from hidden_signatures.params import TrainConfig
 
@@ -159,7 +160,7 @@ def run_child(path: Path, *args) -> subprocess.CompletedProcess:
 
 def interrupt_child(path: Path, args: list, ready: Path, sig: signal.Signals, linger: float) -> int:
     """Start a child, wait until `ready` exists, wait `linger` s more, send `sig` (again while it runs
-    on); its return code."""
+    on); its return code. A child that ends with 0 all the same fails the test, showing its output."""
     proc = subprocess.Popen([sys.executable, str(path), *map(str, args)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -171,13 +172,17 @@ def interrupt_child(path: Path, args: list, ready: Path, sig: signal.Signals, li
         time.sleep(linger)
         assert proc.poll() is None, "child finished before it could be interrupted; raise the delay"
         proc.send_signal(sig)
+        sent = 1
         while True:  # communicate drains the pipes while it waits; it may be called again after a timeout
             try:
-                proc.communicate(timeout=RESEND_AFTER)
+                out, err = proc.communicate(timeout=RESEND_AFTER)
                 break
             except subprocess.TimeoutExpired:  # a SIGINT that lands inside a __del__ is ignored by Python
                 assert time.monotonic() < deadline, f"child still running at its {TIMEOUT} s deadline after {sig.name}"
                 proc.send_signal(sig)
+                sent += 1
+        assert proc.returncode != 0, (f"child ended with 0 after {sent} x {sig.name}:\n"
+                                      f"{out[-2000:]}\n{err[-3000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()

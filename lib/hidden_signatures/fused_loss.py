@@ -4,7 +4,7 @@ Crosscoder.loss through autograd pays, per step, for every latent of every token
 and a dozen [N, H] elementwise passes. Here the two models' sides are stacked (one matmul of
 width dA + dB where autograd runs two), the backward keeps no pre-activations, and once few
 latents fire the decoder, the decoder-weighted L1 and the encoder's weight gradient are computed
-only at the fired (token, latent) pairs (CSR products), so only the encoder's forward stays dense.
+only at the fired (token, latent) pairs (embedding bags and an SDDMM), so only the encoder's forward stays dense.
 
 Both paths give Crosscoder.loss's value and gradients to float tolerance (tests/test_fused_loss.py).
 Which path a batch takes is a pure function of that batch's latents (`sparse_below`), so reruns
@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .crosscoder import Crosscoder, LossParts
 
@@ -60,12 +61,17 @@ class _Sparse:
         return self.row.numel()
 
     def csr(self, vals: torch.Tensor) -> torch.Tensor:
-        """[N, H] CSR with these values at the fired pairs."""
+        """[N, H] CSR with these values at the fired pairs (the pattern of the SDDMM)."""
         return _csr(self.crow, self.col, vals, self.shape)
 
-    def csr_T(self, vals: torch.Tensor) -> torch.Tensor:
-        """[H, N] CSR (the transpose) with these values (given in token order) at the fired pairs."""
-        return _csr(self.crow_T, self.row_T, vals[self.by_latent], self.shape[::-1])
+    def product(self, vals: torch.Tensor, W_HD: torch.Tensor) -> torch.Tensor:
+        """[N, D] = F @ W, F the [N, H] matrix with `vals` at the fired pairs (an embedding bag per token)."""
+        return F.embedding_bag(self.col, W_HD, self.crow[:-1], mode="sum", per_sample_weights=vals)
+
+    def product_T(self, vals: torch.Tensor, X_ND: torch.Tensor) -> torch.Tensor:
+        """[H, D] = F^T @ X, `vals` in token order (an embedding bag per latent)."""
+        return F.embedding_bag(self.row_T, X_ND, self.crow_T[:-1], mode="sum",
+                               per_sample_weights=vals[self.by_latent])
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -98,8 +104,8 @@ class _FusedLoss(torch.autograd.Function):
             fired = f_NH.amax(0) > 0
             f_sum_H = torch.sum(f_NH, 0, dtype=torch.float32)
         else:
-            W_dec = (torch.cat([W_dec_A, W_dec_B], 1),)  # one CSR product for both sides, in fp32
-            xhat = list((sparse.csr(sparse.vals) @ W_dec[0]).split([W_dec_A.shape[1], W_dec_B.shape[1]], 1))
+            W_dec = (W_dec_A.to(dtype), W_dec_B.to(dtype))
+            xhat = [sparse.product(sparse.vals.to(dtype), W).float() for W in W_dec]
             fired = torch.bincount(sparse.col, minlength=f_NH.shape[1]) > 0
             f_sum_H = torch.zeros(f_NH.shape[1], device=f_NH.device).index_add_(0, sparse.col, sparse.vals)
             f_NH = None
@@ -122,7 +128,8 @@ class _FusedLoss(torch.autograd.Function):
         if ctx.sparse is None:
             dW_enc, db_enc_H, dW_dec = _dense_backward((xa, xb), f_NH, W_dec, g, l1_H, ctx.dtype)
         else:
-            dW_enc, db_enc_H, dW_dec = _sparse_backward(ctx.sparse, (xa, xb), W_dec[0], g, l1_H)
+            dW_enc, db_enc_H, dW_dec = _sparse_backward(ctx.sparse, (xa, xb), (W_dec_A, W_dec_B), g, l1_H,
+                                                        ctx.dtype)
         # the L1 term's pull on the decoder norms: l1 / N * sum_n f_ni * d_i / |d_i|
         scale_H = (go * ctx.l1 / N) * f_sum_H
         dW_dec_A = dW_dec[0].float() + W_dec_A * (scale_H / norm_a.clamp_min(1e-12))[:, None]
@@ -140,13 +147,14 @@ def _dense_backward(xc, f_NH, W_dec, g, l1_H, dtype):
     return [x.T @ g_NH for x in xc], torch.sum(g_NH, 0, dtype=torch.float32), dW_dec
 
 
-def _sparse_backward(sp: _Sparse, xc, W_dec_HD, g, l1_H):
-    """The same gradients from the fired pairs only: SDDMM for d f, CSR products for the weights."""
-    widths = [gm.shape[1] for gm in g]
-    g_ND = torch.cat(g, 1)
-    g_vals = torch.sparse.sampled_addmm(sp.csr(torch.zeros_like(sp.vals)), g_ND, W_dec_HD.T).values()
-    g_vals = g_vals + l1_H[sp.col]
-    dW_dec = (sp.csr_T(sp.vals) @ g_ND).split(widths, 1)
-    dW_enc_HD = sp.csr_T(g_vals) @ torch.cat([x.float() for x in xc], 1)
+def _sparse_backward(sp: _Sparse, xc, W_dec, g, l1_H, dtype):
+    """The same gradients from the fired pairs only: SDDMM for d f, embedding bags for the weights."""
+    pattern = sp.csr(torch.zeros_like(sp.vals))
+    g_vals = l1_H[sp.col]
+    for gm, W in zip(g, W_dec):  # d total / d f at the fired pairs: g_n . d_i, plus the L1 term
+        g_vals += torch.sparse.sampled_addmm(pattern, gm, W.detach().T.contiguous()).values()
+    vals, g_vals_c = sp.vals.to(dtype), g_vals.to(dtype)
+    dW_dec = [sp.product_T(vals, gm.to(dtype)) for gm in g]
+    dW_enc = [sp.product_T(g_vals_c, x).T for x in xc]
     db_enc_H = torch.zeros_like(l1_H).index_add_(0, sp.col, g_vals)
-    return [part.T for part in dW_enc_HD.split(widths, 1)], db_enc_H, dW_dec
+    return dW_enc, db_enc_H, dW_dec
