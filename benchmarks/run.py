@@ -27,16 +27,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
 
+from benchmarks.config import L1_COEFF, RAW_SCALE, SHORT, STORE_LAYER, BenchConfig
+from benchmarks.steps import bench_distill, bench_sparsity, bench_step, bench_threads
+from benchmarks.timing import (Precision, matmul_operands, product_time, ratio_entry, say, time_interleaved,
+                               timed)
 from hidden_signatures import activations, io, models, precision
 from hidden_signatures import crosscoder as cc_mod
 from hidden_signatures import train as train_mod
@@ -45,214 +47,11 @@ from hidden_signatures.params import TrainConfig
 RESULTS_STEM = "results"
 RESULTS_JSON = f"{RESULTS_STEM}.json"
 RESULTS_MD = f"{RESULTS_STEM}.md"
-L1_COEFF = 2.0
-"""The params default; only the loss value depends on it, not the work done."""
-BENCH_LR = 1e-6
-"""Learning rate of the repeated step benchmark: tiny, so weights (and sparsity) barely drift."""
-RAW_SCALE = 3.0
-"""Per-dimension std of the synthetic stores' raw rows (the store's norm factor rescales them)."""
-STORE_LAYER = 0
-PARTS = ("matmul", "harvest", "training step", "end to end", "growth")
+PARTS = ("matmul", "harvest", "training step", "sparse step", "threads", "students", "end to end", "growth")
 EMULATE_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 """Environment that holds torch's kernels, oneDNN and MKL to AVX2: an approximation of an AVX2-only
 CPU on an AMX one (harsher on bf16, which it emulates about 40x slower than fp32, than a real one's 4x)."""
 EMULATED_STEM = "results-avx2-emulated"
-SHORT = {"bfloat16": "bf16", "float32": "fp32"}
-
-
-@dataclass
-class BenchConfig:
-    """Sizes of every benchmark; `quick()` shrinks them all."""
-
-    model: str = "smollm2-135m"
-    """Model spec (packaged name or HF directory) for the harvest and end-to-end benchmarks."""
-    layer: str | int = "middle"
-    """Layer read (resid_pre of this block), as in params files."""
-    harvest_seqs: int = 16
-    """Sequences per forward pass (also the harvest batch size end to end)."""
-    seq_len: int = 256
-    """Tokens per sequence."""
-    repeats: int = 3
-    """Timed repeats per measurement (median reported), after one warm-up."""
-    harvest_repeats: int = 7
-    """Timed repeats of the harvest benchmark (cheap, and its limit ratio is an acceptance figure)."""
-    d_a: int = 576
-    """Width of model A in the training-step benchmark (SmolLM2-135M)."""
-    d_b: int = 640
-    """Width of model B in the training-step benchmark (Gemma-3-270M)."""
-    dict_size: int = 16384
-    """Latents in the training-step benchmark (the paper's 2**14)."""
-    batch_size: int = 4096
-    """Tokens per training step in the training-step benchmark."""
-    trained_l0: int = 128
-    """Active latents per token for the sparse-decoder comparison (a trained crosscoder's L0)."""
-    compile: bool = True
-    """Also time torch.compile of the loss (costs tens of seconds of compilation)."""
-    e2e_tokens: int = 20_000
-    """Harvested tokens end to end."""
-    e2e_steps: int = 100
-    """Training steps end to end."""
-    e2e_batch: int = 1024
-    """Tokens per training step end to end and in the growth benchmarks."""
-    e2e_dict: int = 4096
-    """Latents end to end and in the growth benchmarks."""
-    growth_steps: tuple[int, ...] = (50, 100, 200)
-    """Training budgets (steps) whose seconds per step should be constant."""
-    store_rows: tuple[int, int] = (100_000, 800_000)
-    """Rows of the small and the large synthetic store for the peak-memory comparison."""
-    memory_steps: int = 100
-    """Training steps run on each store for the peak-memory comparison."""
-    run_matmul: tuple[int, int, int] = (512, 576, 4096)
-    """(batch, d, H) of the default run's encoder matmul (SmolLM2's 576, train.batch_size 512,
-    dict_size 4096), timed in bf16 and fp32; the paper shape (batch_size, d_a, dict_size) too."""
-    matmul_call_s: float = 0.2
-    """A timed matmul call repeats the product until it takes about this long (steadier timings)."""
-    bf16_budget_s: float = 60.0
-    """Where bf16 is not the chosen precision (it is emulated): a bf16-only measurement whose single
-    call is estimated (from the timed bf16 matmul) to take longer than this is recorded as not timed."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("harvest_seqs", "seq_len", "repeats", "harvest_repeats", "d_a", "d_b", "dict_size",
-                     "batch_size", "trained_l0", "e2e_tokens", "e2e_steps", "e2e_batch", "e2e_dict", "memory_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"bench.{name}: {value!r} is not a positive integer")
-        if self.seq_len < 2:
-            raise ValueError(f"bench.seq_len: {self.seq_len} must be at least 2 (position 0 is skipped)")
-        if self.trained_l0 > self.dict_size:
-            raise ValueError(f"bench.trained_l0: {self.trained_l0} exceeds dict_size {self.dict_size}")
-        if len(self.growth_steps) < 2 or list(self.growth_steps) != sorted(set(self.growth_steps)) \
-                or min(self.growth_steps) <= 0:
-            raise ValueError(f"bench.growth_steps: {self.growth_steps!r} must be >= 2 increasing positive ints")
-        if len(self.store_rows) != 2 or not 0 < self.store_rows[0] < self.store_rows[1]:
-            raise ValueError(f"bench.store_rows: {self.store_rows!r} must be (small, large), 0 < small < large")
-        if len(self.run_matmul) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                for v in self.run_matmul):
-            raise ValueError(f"bench.run_matmul: {self.run_matmul!r} must be three positive ints (batch, d, H)")
-        for name in ("matmul_call_s", "bf16_budget_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"bench.{name}: {value!r} is not a positive number")
-
-    def quick(self) -> "BenchConfig":
-        """The same benchmarks at sizes that run in a minute or two on two cores."""
-        return replace(self, harvest_seqs=8, dict_size=4096, batch_size=2048, trained_l0=64, compile=False,
-                       e2e_tokens=2000, e2e_steps=10, e2e_batch=512, e2e_dict=2048, growth_steps=(5, 10, 20),
-                       store_rows=(70_000, 210_000), memory_steps=10)
-
-
-# -- timing -----------------------------------------------------------------------------
-
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                     warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each call of each function, calling them round-robin after `warmup` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """(seconds, result) of one call."""
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def ratio_entry(name: str, ours: float | list[float], baseline: float | list[float], target: float) -> dict:
-    """One result row from repeated timings: ratio of medians (met when >= target) and of minima.
-
-    On a shared machine contention only ever adds time, so the ratio of the fastest repeats
-    (ratio_of_mins) is the steadier estimate of the intrinsic speed-up."""
-    ours_l = ours if isinstance(ours, list) else [ours]
-    base_l = baseline if isinstance(baseline, list) else [baseline]
-    ours_s, baseline_s = statistics.median(ours_l), statistics.median(base_l)
-    ratio = baseline_s / ours_s
-    return {"name": name, "ours_s": ours_s, "baseline_s": baseline_s, "ratio": ratio,
-            "ratio_of_mins": min(base_l) / min(ours_l), "repeats": len(ours_l),
-            "target": target, "met": bool(ratio >= target)}
-
-
-def _say(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
-
-
-# -- 0. precision -----------------------------------------------------------------------
-
-@dataclass
-class Precision:
-    """The precision this run uses (what `dtype: auto` picks here) and what a bf16 call costs."""
-
-    chosen: str
-    """precision.resolve("auto", "cpu"): bfloat16 or float32."""
-    budget_s: float
-    """See BenchConfig.bf16_budget_s."""
-    bf16_s_per_mac: float | None = None
-    """Seconds per multiply-add of a bf16 matmul here (set by the matmul benchmark, or probed)."""
-    skipped: list[dict] | None = None
-    """bf16-only measurements not timed because bf16 is emulated here and they would take too long."""
-
-    @property
-    def short(self) -> str:
-        return SHORT[self.chosen]
-
-    @property
-    def bf16(self) -> bool:
-        return self.chosen == "bfloat16"
-
-    @property
-    def step_label(self) -> str:
-        """How our training step runs: bf16 autocast over fp32 master weights, or plain fp32."""
-        return "bf16 autocast" if self.bf16 else "fp32"
-
-    def bf16_affordable(self, name: str, macs: float, shape: tuple[int, int, int]) -> bool:
-        """Whether to time a bf16-only measurement of `macs` multiply-adds per call; if not, record it."""
-        if self.bf16:
-            return True
-        if self.bf16_s_per_mac is None:
-            self.bf16_s_per_mac = _bf16_rate(shape)
-        estimate = macs * self.bf16_s_per_mac
-        if estimate <= self.budget_s:
-            return True
-        self.skipped = (self.skipped or []) + [{
-            "name": name, "estimated_s": estimate, "budget_s": self.budget_s,
-            "reason": f"bf16 is emulated here (auto picks {self.chosen}): one call estimated at "
-                      f"{estimate:.0f} s from the timed bf16 matmul, over the {self.budget_s:g} s budget"}]
-        _say(f"not timed: {name} ({self.skipped[-1]['reason']})")
-        return False
-
-
-def _bf16_rate(shape: tuple[int, int, int]) -> float:
-    """Seconds per multiply-add of one bf16 [m, k] @ [k, n] matmul (after a warm-up)."""
-    a, b = _matmul_operands(shape, torch.bfloat16)
-    a @ b
-    return _product_time(a, b) / math.prod(shape)
-
-
-def _product_time(a: torch.Tensor, b: torch.Tensor, min_s: float = 0.02) -> float:
-    """Seconds of one a @ b, timing 1, 2, 4, ... products until they take at least `min_s`."""
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            a @ b
-        seconds = time.perf_counter() - t0
-        if seconds >= min_s:
-            return seconds / n
-        n *= 2
-
-
-def _matmul_operands(shape: tuple[int, int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k, n = shape
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
 
 
 def matmul_shapes(cfg: BenchConfig) -> list[tuple[str, tuple[int, int, int]]]:
@@ -274,12 +73,12 @@ def bench_matmul(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
                 f"{SHORT['float32' if prec.bf16 else 'bfloat16']}")
         if prec.bf16_s_per_mac is not None and not prec.bf16_affordable(name, math.prod(shape), shape):
             continue
-        a32, b32 = _matmul_operands(shape, torch.float32)
+        a32, b32 = matmul_operands(shape, torch.float32)
         a16, b16 = a32.bfloat16(), b32.bfloat16()
         probe = {}
         for dtype, (a, b) in (("float32", (a32, b32)), ("bfloat16", (a16, b16))):
             a @ b  # warm-up
-            probe[dtype] = _product_time(a, b)
+            probe[dtype] = product_time(a, b)
         if prec.bf16_s_per_mac is None:
             prec.bf16_s_per_mac = probe["bfloat16"] / math.prod(shape)
         inner = max(1, round(cfg.matmul_call_s / min(probe.values())))
@@ -371,179 +170,6 @@ def bench_harvest(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
                         times["ours"], times["original"], 3.0),
             ratio_entry(f"harvest ({tag}): ours ({prec.short}) vs limit (plain {prec.short} forward stopped "
                         "at the block)", times["ours"], times["limit"], HARVEST_LIMIT_TARGET[prec.chosen])], checks
-
-
-# -- 2. training step -------------------------------------------------------------------
-
-LossFn = Callable[[cc_mod.Crosscoder, torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-def loss_ours(model: cc_mod.Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, l1: float) -> torch.Tensor:
-    """The library's loss (what train.py optimises)."""
-    return model.loss(x_NA, x_NB, l1).total
-
-
-def fused_l1_loss(model: cc_mod.Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, l1: float) -> torch.Tensor:
-    """Same total as Crosscoder.loss, without the [N, H] fp32 copies: addmm, and the decoder-weighted
-    L1 as (sum_n f) . norms with an fp32-accumulated sum (no L0 count)."""
-    f_NH = torch.relu(torch.addmm(torch.addmm(model.b_enc, x_NA, model.W_enc_A), x_NB, model.W_enc_B))
-    xhat_NA = torch.addmm(model.b_dec_A, f_NH, model.W_dec_A)
-    xhat_NB = torch.addmm(model.b_dec_B, f_NH, model.W_dec_B)
-    mse_a = (xhat_NA.float() - x_NA.float()).pow(2).sum(-1).mean()
-    mse_b = (xhat_NB.float() - x_NB.float()).pow(2).sum(-1).mean()
-    norms_H = model.W_dec_A.norm(dim=1) + model.W_dec_B.norm(dim=1)
-    sparsity = torch.sum(f_NH, 0, dtype=torch.float32) @ norms_H.float() / f_NH.shape[0]
-    return mse_a + mse_b + l1 * sparsity
-
-
-def sparse_decoder_loss(model: cc_mod.Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor,
-                        l1: float) -> torch.Tensor:
-    """Same total as Crosscoder.loss, decoding only the active latents (embedding_bag over the
-    nonzeros of f, fp32): decoder forward and gradients cost nnz x d instead of N x H x d."""
-    f_NH = torch.relu(torch.addmm(torch.addmm(model.b_enc, x_NA, model.W_enc_A), x_NB, model.W_enc_B))
-    N, H = f_NH.shape
-    with torch.no_grad():
-        active_NH = f_NH > 0
-        flat = active_NH.view(-1).nonzero().squeeze(1)
-        offsets_N = torch.zeros(N, dtype=torch.long)
-        offsets_N[1:] = active_NH.sum(1).cumsum(0)[:-1]
-    latent = flat % H
-    vals = f_NH.reshape(-1)[flat].float()
-    recon = []
-    for W_dec, b_dec, x in ((model.W_dec_A, model.b_dec_A, x_NA), (model.W_dec_B, model.b_dec_B, x_NB)):
-        xhat = F.embedding_bag(latent, W_dec.float(), offsets_N, mode="sum", per_sample_weights=vals)
-        recon.append((xhat + b_dec - x.float()).pow(2).sum(-1).mean())
-    norms_H = model.W_dec_A.norm(dim=1) + model.W_dec_B.norm(dim=1)
-    sparsity = torch.sum(f_NH, 0, dtype=torch.float32) @ norms_H.float() / N
-    return recon[0] + recon[1] + l1 * sparsity
-
-
-def make_step(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, loss_fn: LossFn,
-              x_NA: torch.Tensor, x_NB: torch.Tensor, autocast: bool) -> Callable[[], None]:
-    """One optimisation step as train.py takes it: loss (bf16 autocast or not), backward, Adam, post_step."""
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            total = loss_fn(model, x_NA, x_NB, L1_COEFF)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        model.post_step()
-
-    step.autocast = autocast  # recorded: whether this step ran under bf16 autocast
-    return step
-
-
-def step_macs(cfg: BenchConfig) -> int:
-    """Multiply-adds of the step's matmuls: 2 N H (dA + dB) forward, 3 N H (dA + dB) backward."""
-    return 5 * cfg.batch_size * cfg.dict_size * (cfg.d_a + cfg.d_b)
-
-
-def matmul_bound(x_NA: torch.Tensor, x_NB: torch.Tensor, model: cc_mod.Crosscoder,
-                 dtype: str = "bfloat16") -> Callable[[], None]:
-    """The bare matmuls of one step in `dtype`: 4 forward, and backward dW_enc (2), dW_dec (2), df (2)."""
-    dt = getattr(torch, dtype)
-    xa, xb = x_NA.to(dt), x_NB.to(dt)
-    W_enc_A, W_enc_B = model.W_enc_A.detach().to(dt), model.W_enc_B.detach().to(dt)
-    W_dec_A, W_dec_B = model.W_dec_A.detach().to(dt), model.W_dec_B.detach().to(dt)
-    f_NH = torch.relu(xa @ W_enc_A + xb @ W_enc_B)
-    g_NA, g_NB = torch.randn_like(xa), torch.randn_like(xb)
-
-    def run() -> None:
-        xa @ W_enc_A, xb @ W_enc_B, f_NH @ W_dec_A, f_NH @ W_dec_B
-        xa.T @ f_NH, xb.T @ f_NH, f_NH.T @ g_NA, f_NH.T @ g_NB, g_NA @ W_dec_A.T, g_NB @ W_dec_B.T
-
-    run.dtype = str(f_NH.dtype).removeprefix("torch.")  # recorded: the bound's actual precision
-    return run
-
-
-def step_data(cfg: BenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random activations scaled like the normalised store rows (mean norm sqrt(d))."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return (torch.randn(cfg.batch_size, cfg.d_a, generator=gen),
-            torch.randn(cfg.batch_size, cfg.d_b, generator=gen))
-
-
-def set_l0(model: cc_mod.Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, l0: int) -> float:
-    """Shift b_enc so about `l0` latents per token fire, as in a trained crosscoder; returns the L0."""
-    with torch.no_grad():
-        pre_NH = x_NA @ model.W_enc_A + x_NB @ model.W_enc_B
-        gen = torch.Generator().manual_seed(0)
-        sample = pre_NH.view(-1)[torch.randint(0, pre_NH.numel(), (min(pre_NH.numel(), 1 << 20),), generator=gen)]
-        model.b_enc.fill_(-float(torch.quantile(sample, 1 - l0 / pre_NH.shape[1])))
-        return float((pre_NH + model.b_enc > 0).sum(1).float().mean())
-
-
-def _adam(model: cc_mod.Crosscoder, fused: bool = False) -> torch.optim.Adam:
-    """Adam as train.py builds it (foreach), or the fused kernel."""
-    return torch.optim.Adam(model.parameters(), lr=BENCH_LR, **({"fused": True} if fused else {"foreach": True}))
-
-
-BF16_STEP = "bf16 autocast"
-FP32_STEP = "fp32"
-BF16_WEIGHTS = "bf16 weights and Adam state (no fp32 master)"
-
-
-def step_variants(cfg: BenchConfig, x_NA: torch.Tensor, x_NB: torch.Tensor,
-                  prec: Precision) -> tuple[dict, dict]:
-    """The timed step functions: the fp32 and bf16-autocast steps (ours is the one auto picks), the
-    bare matmul bound in the chosen precision, and candidate variants run in the chosen precision.
-
-    Where bf16 is emulated (fp32 chosen) the bf16-only functions are built only if affordable."""
-    ccfg = cc_mod.CrosscoderConfig(d_a=cfg.d_a, d_b=cfg.d_b, dict_size=cfg.dict_size)
-    model = cc_mod.build(ccfg, seed=cfg.seed)
-    adam, fused_adam = _adam(model), _adam(model, fused=True)
-    sparse_model = cc_mod.build(ccfg, seed=cfg.seed)
-    l0 = set_l0(sparse_model, x_NA, x_NB, cfg.trained_l0)
-    sparse_adam = _adam(sparse_model)
-    amp = prec.bf16
-    tag = f"dA {cfg.d_a}, dB {cfg.d_b}, H {cfg.dict_size}, batch {cfg.batch_size}"
-    fns = {FP32_STEP: make_step(model, adam, loss_ours, x_NA, x_NB, autocast=False)}
-    if prec.bf16_affordable(f"training step ({tag}): {BF16_STEP}", step_macs(cfg), tuple(cfg.run_matmul)):
-        fns[BF16_STEP] = make_step(model, adam, loss_ours, x_NA, x_NB, autocast=True)
-    fns |= {
-        "bound": matmul_bound(x_NA, x_NB, model, prec.chosen),
-        "fused L1": make_step(model, adam, fused_l1_loss, x_NA, x_NB, autocast=amp),
-        "fused Adam": make_step(model, fused_adam, loss_ours, x_NA, x_NB, autocast=amp),
-        "fused L1 + fused Adam": make_step(model, fused_adam, fused_l1_loss, x_NA, x_NB, autocast=amp),
-    }
-    if prec.bf16_affordable(f"training step variant: {BF16_WEIGHTS}", step_macs(cfg), tuple(cfg.run_matmul)):
-        bf16_model = cc_mod.build(ccfg, seed=cfg.seed).to(torch.bfloat16)
-        fns[BF16_WEIGHTS] = make_step(bf16_model, _adam(bf16_model), loss_ours, x_NA.bfloat16(),
-                                      x_NB.bfloat16(), autocast=False)
-    fns |= {"ours at trained L0": make_step(sparse_model, sparse_adam, loss_ours, x_NA, x_NB, autocast=amp),
-            "sparse decoder at trained L0": make_step(sparse_model, sparse_adam, sparse_decoder_loss,
-                                                      x_NA, x_NB, autocast=amp)}
-    if cfg.compile:
-        fns["torch.compile of the loss"] = make_step(model, adam, torch.compile(loss_ours), x_NA, x_NB,
-                                                     autocast=amp)
-    return fns, {"trained_l0_measured": l0}
-
-
-def bench_step(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
-    """One crosscoder training step: bf16 autocast vs fp32 (a property of the machine), ours (the
-    precision auto picks) vs the bare matmuls in that precision, and candidate variants vs ours."""
-    x_NA, x_NB = step_data(cfg)
-    fns, checks = step_variants(cfg, x_NA, x_NB, prec)
-    times = time_interleaved(fns, cfg.repeats)
-    ours = BF16_STEP if prec.bf16 else FP32_STEP
-    tag = f"dA {cfg.d_a}, dB {cfg.d_b}, H {cfg.dict_size}, batch {cfg.batch_size}"
-    entries = []
-    if BF16_STEP in times:
-        entries.append(ratio_entry(f"training step ({tag}): bf16 autocast vs fp32 step (this machine's bf16 "
-                                   f"gain; ours is {prec.step_label})", times[BF16_STEP], times[FP32_STEP], 2.0))
-    entries.append(ratio_entry(f"training step ({tag}): ours ({prec.step_label}) vs the bare {prec.short} "
-                               "matmuls of the same step", times[ours], times["bound"], 0.6))
-    reference = {name: ours for name in times if name not in (BF16_STEP, FP32_STEP, "bound", "ours at trained L0")}
-    reference["sparse decoder at trained L0"] = "ours at trained L0"
-    for name, ref in reference.items():
-        entries.append(ratio_entry(f"training step variant ({prec.step_label}): {name} vs {ref}",
-                                   times[name], times[ref], 1.0))
-    checks["step_compile_timed"] = "torch.compile of the loss" in times
-    checks["step_precision"] = prec.step_label
-    checks["step_ours_autocast"] = fns[ours].autocast
-    checks["step_bound_dtype"] = fns["bound"].dtype
-    return entries, checks
 
 
 # -- 3. end to end ----------------------------------------------------------------------
@@ -781,15 +407,17 @@ def run(cfg: BenchConfig, out_dir: Path, stem: str = RESULTS_STEM, parts: tuple[
         raise ValueError(f"bench parts {unknown}: accepted: {', '.join(PARTS)}")
     prec = Precision(precision.resolve("auto", "cpu"), float(cfg.bf16_budget_s))
     results: dict = {"machine": machine_info(), "config": asdict(cfg), "ratios": [], "checks": {}}
-    _say(precision.detect("cpu").line())
+    say(precision.detect("cpu").line())
     with tempfile.TemporaryDirectory(prefix="hs-bench-") as tmp:
         work = Path(tmp)
         benches = {"matmul": lambda: bench_matmul(cfg, prec), "harvest": lambda: bench_harvest(cfg, prec),
                    "training step": lambda: bench_step(cfg, prec),
+                   "sparse step": lambda: bench_sparsity(cfg, prec), "threads": lambda: bench_threads(cfg, prec),
+                   "students": lambda: bench_distill(cfg, prec),
                    "end to end": lambda: bench_end_to_end(cfg, prec, work),
                    "growth": lambda: bench_growth(cfg, work)}
         for label in (p for p in PARTS if p in parts):
-            _say(f"{label} ...")
+            say(f"{label} ...")
             seconds, (entries, extra) = timed(benches[label])
             results["ratios"] += entries
             if label == "growth":
@@ -798,7 +426,7 @@ def run(cfg: BenchConfig, out_dir: Path, stem: str = RESULTS_STEM, parts: tuple[
                 results["precision"] = extra
             else:
                 results["checks"].update(extra)
-            _say(f"{label} done in {seconds:.0f} s")
+            say(f"{label} done in {seconds:.0f} s")
     results["skipped"] = prec.skipped or []
     results["machine"]["load_average_end"] = _load_average()
     io.write_json(out_dir / f"{stem}.json", results, digits=4)

@@ -20,11 +20,14 @@ if str(ROOT) not in sys.path:  # benchmarks/ sits beside lib/, at the project ro
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import run as bench  # noqa: E402
+from benchmarks import steps  # noqa: E402
 from hidden_signatures import activations, io, precision  # noqa: E402
 from hidden_signatures import crosscoder as cc_mod  # noqa: E402
 
 ENTRY_KEYS = {"name", "ours_s", "baseline_s", "ratio", "ratio_of_mins", "repeats", "target", "met"}
-N_ENTRIES = 2 + 2 + 7 + 3 + 1  # matmul (2 shapes), harvest, training step (+ 5 variants), end to end, growth
+N_ENTRIES = 2 + 2 + 8 + 3 + 1 + 2 + 3 + 1
+"""matmul (2 shapes), harvest, training step (4 + 4 variants), sparse step (bound + 2 L0s), threads, students,
+end to end, growth"""
 SUMMARY_KEYS = {"device", "capability", "bf16_native", "dtype", "reason", "bf16_speedup"}
 
 
@@ -35,7 +38,7 @@ def tiny_bench(model_dir) -> bench.BenchConfig:
                              dict_size=64, batch_size=32, trained_l0=8, compile=False, e2e_tokens=120,
                              e2e_steps=3, e2e_batch=16, e2e_dict=32, growth_steps=(2, 4),
                              store_rows=(200, 600), memory_steps=2, run_matmul=(16, 16, 48),
-                             matmul_call_s=0.01)
+                             matmul_call_s=0.01, threshold_l0s=(4, 16), distill_seqs=2, distill_len=8)
 
 
 def names(results: dict, prefix: str) -> list[str]:
@@ -76,9 +79,10 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     assert machine["precision"]["dtype"] == chosen and precision.FORCE_ENV in machine["precision"]["reason"]
     assert machine["precision"]["capability"].startswith(machine["cpu_capability"])
     assert results["checks"]["harvest_dtype"] == chosen
-    assert results["checks"]["step_precision"] == ("bf16 autocast" if chosen == "bfloat16" else "fp32")
-    assert results["checks"]["step_ours_autocast"] is (chosen == "bfloat16")
+    assert results["checks"]["step_precision"] == bench.SHORT[chosen]
+    assert results["checks"]["step_ours_autocast"] is False  # ours is the fused step: it casts, no autocast
     assert results["checks"]["step_bound_dtype"] == chosen
+    assert results["checks"]["trained_step_sparse"] is False  # L0 8 of 64 (0.125) is above sparse_below: dense
 
     # the new row: bf16 vs fp32 matmul at the default run's shape and at the paper-sized step's
     matmul = names(results, "matmul ")
@@ -99,11 +103,17 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     assert f"ours ({short}) vs limit (plain {short} forward stopped at the block)" in limit["name"]
     assert limit["target"] == (0.95 if chosen == "bfloat16" else 0.9)
     assert any(f"ours ({short}, dtype auto) vs original (fp32" in name for name in harvest)
-    label = "bf16 autocast" if chosen == "bfloat16" else "fp32"
-    step = names(results, "training step (")
-    assert len(step) == 2 and "bf16 autocast vs fp32 step" in step[0]
-    assert step[1].endswith(f"ours ({label}) vs the bare {short} matmuls of the same step")
-    assert len(names(results, f"training step variant ({label}): ")) == 5
+    step = names(results, "training step (dA 16, dB 24")
+    assert len(step) == 2 and "bf16 vs fp32" in step[0]
+    assert step[1].endswith(f"ours ({short}) vs the bare {short} matmuls of the same step")
+    assert len(names(results, "training step at trained L0")) == 2
+    assert len(names(results, "training step variant: ")) == 4
+    default_shape = names(results, "training step (dA 16, dB 16, H 48, batch 16")
+    assert len(default_shape) == 4 and "ours dense" in default_shape[0] and "sparse vs dense" in default_shape[2]
+    assert default_shape[3].endswith(f"{torch.get_num_threads()} threads vs 1 (ideal {torch.get_num_threads()}x)")
+    density = results["checks"]["sparse_crossover_density"]
+    assert density is None or 0 < density <= 1
+    assert len(names(results, "student step (2 x 8 tokens")) == 2
     assert names(results, "end to end (")[0].endswith(f"ours ({short}) vs original (fp32)")
 
     table = (out / bench.RESULTS_MD).read_text()
@@ -118,17 +128,17 @@ def test_emulated_bf16_over_budget_is_recorded_not_timed(tmp_path, monkeypatch):
     monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(precision.FORCE_ENV, "float32")
     cfg = bench.BenchConfig(repeats=1, d_a=16, d_b=24, dict_size=64, batch_size=32, trained_l0=8, compile=False,
-                            run_matmul=(16, 16, 48), matmul_call_s=0.01, bf16_budget_s=1e-12)
+                            run_matmul=(16, 16, 48), matmul_call_s=0.01, bf16_budget_s=1e-12, threshold_l0s=(4,))
     results = bench.run(cfg, tmp_path, stem="emulated", parts=("matmul", "training step"))
     assert (tmp_path / "emulated.json").exists() and (tmp_path / "emulated.md").exists()
     skipped = [s["name"] for s in results["skipped"]]
     assert len(skipped) == 3, skipped
-    assert skipped[0].startswith("matmul 32x16 @ 16x64") and "bf16 autocast" in skipped[1]
-    assert bench.BF16_WEIGHTS in skipped[2]
+    assert skipped[0].startswith("matmul 32x16 @ 16x64") and "ours in bf16" in skipped[1]
+    assert steps.BF16_WEIGHTS in skipped[2]
     assert all(s["estimated_s"] > s["budget_s"] for s in results["skipped"])
     got = [e["name"] for e in results["ratios"]]
-    assert len(got) == 1 + 5 and got[0].startswith("matmul 16x16 @ 16x48")  # the default run's shape is always timed
-    assert not any("bf16 autocast vs fp32" in n or bench.BF16_WEIGHTS in n for n in got)
+    assert len(got) == 1 + 6 and got[0].startswith("matmul 16x16 @ 16x48")  # the default run's shape is always timed
+    assert not any("bf16 vs fp32" in n or steps.BF16_WEIGHTS in n for n in got)
     table = (tmp_path / "emulated.md").read_text()
     assert table.count("| not timed |") == 3 and "Not timed: " in table
 
@@ -142,16 +152,16 @@ def test_unknown_part_is_refused(tmp_path):
         bench.run(bench.BenchConfig(), tmp_path, parts=("matmuls",))
 
 
-@pytest.mark.parametrize("loss_fn", [bench.fused_l1_loss, bench.sparse_decoder_loss])
+@pytest.mark.parametrize("loss_fn", [steps.fused_l1_loss, steps.sparse_decoder_loss])
 def test_variant_losses_match_library_loss(loss_fn):
     cfg = cc_mod.CrosscoderConfig(d_a=12, d_b=20, dict_size=48)
     gen = torch.Generator().manual_seed(1)
     x_NA, x_NB = torch.randn(40, 12, generator=gen), torch.randn(40, 20, generator=gen)
     ref, cand = cc_mod.build(cfg, seed=3), cc_mod.build(cfg, seed=3)
     for model in (ref, cand):
-        l0 = bench.set_l0(model, x_NA, x_NB, 6)
+        l0 = steps.set_l0(model, x_NA, x_NB, 6)
         assert 1 < l0 < 20
-    bench.loss_ours(ref, x_NA, x_NB, 2.0).backward()
+    steps.loss_ours(ref, x_NA, x_NB, 2.0).backward()
     total = loss_fn(cand, x_NA, x_NB, 2.0)
     total.backward()
     assert total.item() == pytest.approx(ref.loss(x_NA, x_NB, 2.0).total.item(), rel=1e-5)
@@ -177,6 +187,8 @@ def test_config_validation_and_quick():
         bench.BenchConfig(dict_size=0)
     with pytest.raises(ValueError, match="run_matmul"):
         bench.BenchConfig(run_matmul=(512, 576))
+    with pytest.raises(ValueError, match="threshold_l0s"):
+        bench.BenchConfig(threshold_l0s=(32, 4096))
     with pytest.raises(ValueError, match="bf16_budget_s"):
         bench.BenchConfig(bf16_budget_s=0)
     with pytest.raises(ValueError, match="matmul_call_s"):
@@ -185,3 +197,9 @@ def test_config_validation_and_quick():
     for f in fields(full):
         if isinstance(getattr(full, f.name), int) and not isinstance(getattr(full, f.name), bool):
             assert getattr(quick, f.name) <= getattr(full, f.name), f.name
+
+
+def test_crossover_interpolates_where_sparse_stops_paying():
+    assert steps.crossover({0.01: 2.0, 0.04: 1.0 / 2.0}) == pytest.approx(0.02)  # log-linear midpoint
+    assert steps.crossover({0.01: 3.0, 0.1: 1.5}) is None  # sparse pays over the whole measured range
+    assert steps.crossover({0.01: 0.9, 0.1: 0.5}) == 0.01  # never pays: the smallest density measured

@@ -78,12 +78,18 @@ def test_path_follows_the_density_threshold(monkeypatch) -> None:
     built = []
     real = fused_loss._Sparse
     monkeypatch.setattr(fused_loss, "_Sparse", lambda f: built.append(f.shape) or real(f))
-    density = fused_loss.loss(m, xa, xb, 0.5).l0.item() / 256
-    assert built == []  # the default threshold (0.02) is below this batch's density
+    density = fused_loss.loss(m, xa, xb, 0.5, sparse_below=0.0).l0.item() / 256
+    assert built == []
     fused_loss.loss(m, xa, xb, 0.5, sparse_below=density * 1.01)
     assert built == [(64, 256)]
     fused_loss.loss(m, xa, xb, 0.5, sparse_below=density * 0.99)
     assert len(built) == 1
+
+
+def test_the_params_default_is_the_library_default() -> None:
+    from hidden_signatures.params import TrainConfig
+
+    assert TrainConfig.sparse_below == fused_loss.SPARSE_BELOW and TrainConfig.step == "fused"
 
 
 def test_sparse_step_is_bit_identical_when_repeated() -> None:

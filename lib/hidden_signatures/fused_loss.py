@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .crosscoder import Crosscoder, LossParts
 
-SPARSE_BELOW = 0.02
+SPARSE_BELOW = 0.05
 """Default: a batch whose share of active (token, latent) pairs is below this takes the sparse
 path (measured by `bash run_all.sh bench`, row "sparse vs dense step"; see the README)."""
 

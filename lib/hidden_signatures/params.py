@@ -19,6 +19,7 @@ import yaml
 from . import precision
 from .corpus import CorpusConfig
 from .crosscoder import ARCHITECTURES
+from .fused_loss import SPARSE_BELOW
 
 
 class ParamsError(ValueError):
@@ -126,7 +127,7 @@ class TrainConfig:
     """How the ReLU+L1 crosscoder's step is computed: fused (a hand-written forward and backward,
     dense or, below train.sparse_below, over the fired latents only) or autograd (through
     Crosscoder.loss). Variants (batchtopk, dfc) always use autograd."""
-    sparse_below: float = 0.02
+    sparse_below: float = SPARSE_BELOW
     """A batch whose share of active (token, latent) pairs is below this takes the sparse step
     (0 never, 1 always); measured by `bash run_all.sh bench` (README, Speed)."""
     seed: int = 0
