@@ -1,10 +1,11 @@
 """The ReLU+L1 crosscoder's loss with a hand-written backward: dense, or sparse over the latents that fired.
 
 Crosscoder.loss through autograd pays, per step, for every latent of every token in ten matmuls
-and a dozen [N, H] elementwise passes. Here the two models' sides are stacked (one matmul of
-width dA + dB where autograd runs two), the backward keeps no pre-activations, and once few
-latents fire the decoder, the decoder-weighted L1 and the encoder's weight gradient are computed
-only at the fired (token, latent) pairs (embedding bags and an SDDMM), so only the encoder's forward stays dense.
+and a dozen [N, H] elementwise passes. Here the backward is written out: no pre-activations kept,
+the L1 term's gradient folded into the addmm of the decoder's, one threshold pass for the ReLU,
+weights cast once. Once few latents fire, the decoder, the decoder-weighted L1 and every weight
+gradient are computed only at the fired (token, latent) pairs (embedding bags per token and per
+latent, and an SDDMM), so only the encoder's forward stays dense.
 
 Both paths give Crosscoder.loss's value and gradients to float tolerance (tests/test_fused_loss.py).
 Which path a batch takes is a pure function of that batch's latents (`sparse_below`), so reruns
@@ -22,8 +23,7 @@ from .crosscoder import Crosscoder, LossParts
 
 SPARSE_BELOW = 0.05
 """Default: a batch whose share of active (token, latent) pairs is below this takes the sparse
-path (measured by `bash run_all.sh bench`, row "sparse vs dense step"; see the README)."""
-
+path (measured by `bash run_all.sh bench`: the "sparse step" rows; see the README, Speed)."""
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -55,10 +55,6 @@ class _Sparse:
         self.by_latent = torch.argsort(self.col, stable=True)
         self.crow_T = _crow(self.col[self.by_latent], H)
         self.row_T = self.row[self.by_latent]
-
-    @property
-    def nnz(self) -> int:
-        return self.row.numel()
 
     def csr(self, vals: torch.Tensor) -> torch.Tensor:
         """[N, H] CSR with these values at the fired pairs (the pattern of the SDDMM)."""
