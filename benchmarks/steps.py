@@ -25,6 +25,8 @@ LossFn = Callable[[cc_mod.Crosscoder, torch.Tensor, torch.Tensor, float], torch.
 BF16_STEP, FP32_STEP = "bf16", "fp32"
 BF16_WEIGHTS = "bf16 weights and Adam state (no fp32 master)"
 AUTOGRAD = "autograd through Crosscoder.loss"
+BATCHTOPK_K = 32
+"""k of the BatchTopK rows (the crosscoder.k default)."""
 
 
 # -- the steps -------------------------------------------------------------------------------
@@ -236,6 +238,11 @@ def bench_sparsity(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]
         opt = _adam(model)
         fns[f"sparse {l0}"] = library_step(model, opt, x_NA, x_NB, dtype=prec.chosen, sparse_below=1.0)
         fns[f"dense {l0}"] = library_step(model, opt, x_NA, x_NB, dtype=prec.chosen, sparse_below=0.0)
+    for name, below in (("batchtopk sparse", 1.0), ("batchtopk dense", 0.0)):
+        model = cc_mod.build(cc_mod.CrosscoderConfig(d_a=d, d_b=d, dict_size=H, architecture="batchtopk",
+                                                     k=BATCHTOPK_K), seed=cfg.seed).train()
+        model.sparse_below = below
+        fns[name] = library_step(model, _adam(model), x_NA, x_NB, dtype=prec.chosen)
     times = time_interleaved(fns, max(cfg.repeats, 5))
     tag = f"dA {d}, dB {d}, H {H}, batch {batch}"
     entries = [ratio_entry(f"training step ({tag}, the default run's shape): ours dense ({prec.short}) vs the "
@@ -246,6 +253,9 @@ def bench_sparsity(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]
                             times[f"sparse {l0}"], times[f"dense {l0}"], 1.0)
         entries.append(entry)
         ratios[density] = entry["ratio"]
+    entries.append(ratio_entry(f"BatchTopK training step ({tag}, k {BATCHTOPK_K}): decoding the kept entries "
+                               "(decode_active) vs decode(f)", times["batchtopk sparse"], times["batchtopk dense"],
+                               1.0))
     return entries, {"sparse_crossover_density": crossover(ratios), "sparse_ratio_by_density": ratios,
                      "sparse_below_default": TrainConfig.sparse_below}
 

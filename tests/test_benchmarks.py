@@ -25,8 +25,8 @@ from hidden_signatures import activations, io, precision  # noqa: E402
 from hidden_signatures import crosscoder as cc_mod  # noqa: E402
 
 ENTRY_KEYS = {"name", "ours_s", "baseline_s", "ratio", "ratio_of_mins", "repeats", "target", "met"}
-N_ENTRIES = 2 + 2 + 8 + 3 + 1 + 2 + 3 + 1
-"""matmul (2 shapes), harvest, training step (4 + 4 variants), sparse step (bound + 2 L0s), threads, students,
+N_ENTRIES = 2 + 2 + 8 + 4 + 1 + 2 + 3 + 1
+"""matmul (2 shapes), harvest, training step (4 + 4 variants), sparse step (bound + 2 L0s + BatchTopK), threads, students,
 end to end, growth"""
 SUMMARY_KEYS = {"device", "capability", "bf16_native", "dtype", "reason", "bf16_speedup"}
 
@@ -114,6 +114,7 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     density = results["checks"]["sparse_crossover_density"]
     assert density is None or 0 < density <= 1
     assert len(names(results, "student step (2 x 8 tokens")) == 2
+    assert len(names(results, "BatchTopK training step (dA 16, dB 16, H 48, batch 16, k")) == 1
     assert names(results, "end to end (")[0].endswith(f"ours ({short}) vs original (fp32)")
 
     table = (out / bench.RESULTS_MD).read_text()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hidden_signatures import crosscoder
-from hidden_signatures import variants  # registers the variants until crosscoder imports it
+from hidden_signatures import fused_loss, variants  # variants registers the variants
 from hidden_signatures.crosscoder import CrosscoderConfig
 
 D_A, D_B = 16, 12
@@ -328,3 +328,21 @@ def test_exclusive_agreement_detects_mismatch() -> None:
     assert out["matched_fraction"]["b_only"] == 1.0
     with pytest.raises(ValueError, match="thresholds"):
         variants.exclusive_agreement(part, W_A, W_B, plain_A, plain_B, a_thr=0.1, b_thr=0.9)
+
+
+def test_batchtopk_sparse_decode_equals_the_dense_one() -> None:
+    """decode_active (embedding bags over the kept entries) gives decode(f)'s loss and gradients."""
+    x_a, x_b = random_batch(64, seed=5)
+    runs = []
+    for sparse_below in (0.0, 1.0):  # never / always sparse
+        model = crosscoder.build(make_cfg(dict_size=64), seed=2).train()
+        model.sparse_below = sparse_below
+        parts = model.loss(x_a, x_b)
+        parts.total.backward()
+        runs.append((parts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (dense, g_dense), (sparse, g_sparse) = runs
+    torch.testing.assert_close(sparse.total, dense.total)
+    assert sparse.l0.item() == dense.l0.item() == 4
+    for name, grad in g_dense.items():
+        torch.testing.assert_close(g_sparse[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert variants.BatchTopKCrosscoder.sparse_below == fused_loss.SPARSE_BELOW

@@ -17,7 +17,9 @@ import math
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
+from . import fused_loss
 from .crosscoder import Crosscoder, CrosscoderConfig, LossParts, register
 
 THRESHOLD_BETA = 0.99
@@ -145,6 +147,18 @@ class BatchTopKCrosscoder(Crosscoder):
         var = (err_NX - err_NX.mean(0)).pow(2).sum(-1).mean()
         return (sse / var).nan_to_num(0.0)
 
+    sparse_below: float = fused_loss.SPARSE_BELOW
+    """The loss decodes only the kept entries (decode_active) when they are fewer than this share."""
+
+    def decode_active(self, relu_NH: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode(f) from f's ascending flat nonzero indices only: an embedding bag per token, so the
+        decoder's forward and its two gradient products cost nnz x d instead of N x H x d."""
+        N, H = relu_NH.shape
+        vals = relu_NH.flatten()[active]
+        offsets = torch.bincount(active // H, minlength=N).cumsum(0) - torch.bincount(active // H, minlength=N)
+        return tuple(F.embedding_bag(active % H, W.to(vals.dtype), offsets, mode="sum", per_sample_weights=vals)
+                     + b for W, b in ((self.W_dec_A, self.b_dec_A), (self.W_dec_B, self.b_dec_B)))
+
     # -- loss --------------------------------------------------------------------------------
     def loss(self, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: float = 0.0) -> LossParts:
         """MSE_A + MSE_B + aux_coeff * AuxK; l1_coeff is ignored (kept for the shared interface).
@@ -154,7 +168,8 @@ class BatchTopKCrosscoder(Crosscoder):
         Statistics come from f's nonzero indices, never from a pass over [N, H].
         """
         f_NH, relu_NH, scaled_NH, active = self._codes(x_NA, x_NB)
-        xhat_NA, xhat_NB = self.decode(f_NH)
+        sparse = active.numel() < self.sparse_below * f_NH.numel()
+        xhat_NA, xhat_NB = self.decode_active(relu_NH, active) if sparse else self.decode(f_NH)
         err_NA, err_NB = x_NA.float() - xhat_NA.float(), x_NB.float() - xhat_NB.float()
         mse_a = err_NA.pow(2).sum(-1).mean()
         mse_b = err_NB.pow(2).sum(-1).mean()
