@@ -91,8 +91,10 @@ class Crosscoder(nn.Module):
         W_dec_B = _rows_with_norm(torch.randn(H, B, generator=generator), cfg.dec_init_norm)
         self.W_dec_A = nn.Parameter(W_dec_A)
         self.W_dec_B = nn.Parameter(W_dec_B)
-        self.W_enc_A = nn.Parameter(W_dec_A.T.clone())
-        self.W_enc_B = nn.Parameter(W_dec_B.T.clone())
+        # contiguous, not W_dec.T.clone() (which keeps the transposed strides): a fused optimizer
+        # walks a parameter and its state as flat memory, and a checkpoint restores state row-major
+        self.W_enc_A = nn.Parameter(W_dec_A.T.contiguous())
+        self.W_enc_B = nn.Parameter(W_dec_B.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(H))
         self.b_dec_A = nn.Parameter(torch.zeros(A))
         self.b_dec_B = nn.Parameter(torch.zeros(B))

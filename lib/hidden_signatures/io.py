@@ -178,3 +178,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     for pid, values in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    _match_param_layouts(optimizer)
+
+
+def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored state tensor its parameter's strides (safetensors loads them row-major).
+
+    Fused optimizers walk a parameter, its gradient and its state as flat memory: a state tensor
+    laid out unlike its parameter would be updated element-for-wrong-element."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)

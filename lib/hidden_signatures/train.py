@@ -126,6 +126,14 @@ def _loss_fn(model: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device):
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel on CPU and CUDA (one pass over each parameter and its state), the
+    foreach one elsewhere. Exact resume holds for both: io.restore_optimizer lays restored state
+    out like its parameter, which the fused kernel needs."""
+    kernel = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kernel)
+
+
 def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l1_coeff: float,
           out_dir: str | Path, device: torch.device | str = "cpu", desc: str = "train") -> list[dict]:
     """Train `model` on the training rows of `data`, resuming from out_dir/checkpoint if present.
@@ -141,8 +149,7 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
                          "accepted: at least one row per process")
     device = distributed.local_device(device)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                           foreach=True)
+    opt = make_optimizer(model, cfg, device)
     total = n_steps(cfg)
     distributed.barrier()  # e.g. rank 0 has removed a stale checkpoint before anyone resumes
     step, log = _resume(model, opt, out_dir / CHECKPOINT_DIR)
