@@ -51,9 +51,9 @@ class _Sparse:
         self.shape = (N, H)
         self.row, self.col = flat // H, flat % H
         self.vals = f_NH.view(-1)[flat].float()
-        self.crow = _crow(self.row, N)
+        self.crow = row_starts(self.row, N)
         self.by_latent = torch.argsort(self.col, stable=True)
-        self.crow_T = _crow(self.col[self.by_latent], H)
+        self.crow_T = row_starts(self.col[self.by_latent], H)
         self.row_T = self.row[self.by_latent]
 
     def csr(self, vals: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,8 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape: tuple
         return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=False)
 
 
-def _crow(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+def row_starts(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row pointers [n_rows + 1] of entries sorted by row: row r's entries are [out[r], out[r + 1])."""
     counts = torch.bincount(sorted_rows, minlength=n_rows)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
@@ -94,13 +95,12 @@ class _FusedLoss(torch.autograd.Function):
         norms = (W_dec_A.detach().norm(dim=1), W_dec_B.detach().norm(dim=1))
         nnz = int(torch.count_nonzero(f_NH))
         sparse = _Sparse(f_NH) if nnz < sparse_below * f_NH.numel() else None
+        W_dec = (W_dec_A.to(dtype), W_dec_B.to(dtype))
         if sparse is None:
-            W_dec = (W_dec_A.to(dtype), W_dec_B.to(dtype))
             xhat = [(f_NH @ W).float() for W in W_dec]
             fired = f_NH.amax(0) > 0
             f_sum_H = torch.sum(f_NH, 0, dtype=torch.float32)
         else:
-            W_dec = (W_dec_A.to(dtype), W_dec_B.to(dtype))
             xhat = [sparse.product(sparse.vals.to(dtype), W).float() for W in W_dec]
             fired = torch.bincount(sparse.col, minlength=f_NH.shape[1]) > 0
             f_sum_H = torch.zeros(f_NH.shape[1], device=f_NH.device).index_add_(0, sparse.col, sparse.vals)

@@ -104,14 +104,14 @@ class LossModule(nn.Module):
     def __init__(self, crosscoder: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device):
         super().__init__()
         self.crosscoder = crosscoder
-        self.bf16 = precision.resolve(cfg.dtype, device) == "bfloat16"
+        self.dtype = precision.torch_dtype(cfg.dtype, device)
+        self.bf16 = self.dtype == torch.bfloat16
         self.fused = cfg.step == "fused" and fused_loss.supports(crosscoder)
         self.sparse_below = cfg.sparse_below
 
     def forward(self, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: float) -> cc_mod.LossParts:
         if self.fused:
-            dtype = torch.bfloat16 if self.bf16 else torch.float32
-            return fused_loss.loss(self.crosscoder, x_NA, x_NB, l1_coeff, dtype, self.sparse_below)
+            return fused_loss.loss(self.crosscoder, x_NA, x_NB, l1_coeff, self.dtype, self.sparse_below)
         with torch.autocast(x_NA.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.crosscoder.loss(x_NA, x_NB, l1_coeff)
 

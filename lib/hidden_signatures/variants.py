@@ -155,8 +155,7 @@ class BatchTopKCrosscoder(Crosscoder):
         decoder's forward and its two gradient products cost nnz x d instead of N x H x d."""
         N, H = relu_NH.shape
         vals = relu_NH.flatten()[active]
-        per_token = torch.bincount(active // H, minlength=N)
-        offsets = per_token.cumsum(0) - per_token  # where each token's kept entries start
+        offsets = fused_loss.row_starts(active // H, N)[:-1]  # where each token's kept entries start
         return tuple(F.embedding_bag(active % H, W.to(vals.dtype), offsets, mode="sum", per_sample_weights=vals)
                      + b for W, b in ((self.W_dec_A, self.b_dec_A), (self.W_dec_B, self.b_dec_B)))
 
