@@ -44,6 +44,14 @@ for side, spec, built in (("A", raw.model_a, run.model_a), ("B", raw.model_b, ru
 pd.DataFrame(rows)
 
 # %% [markdown]
+# ## Did the fine-tune change something?
+# A fine-tune on another kind of text than the crosscoder's (params `finetune.corpus`): held-out
+# cross-entropy of base and fine-tuned model on the fine-tune's own text and on the crosscoder's.
+
+# %%
+pd.DataFrame([r for r in (derived.domain_report(raw, run, f) for f in ("model_a", "model_b")) if r])
+
+# %% [markdown]
 # ## Training log of made models
 
 # %%

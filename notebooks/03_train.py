@@ -36,9 +36,11 @@ pd.Series({"blocks (A, B)": (data.layer_a, data.layer_b), "widths (A, B)": (data
 
 # %% [markdown]
 # ## Training curves
+# Per-batch numbers over the training run; `l1_coeff` is the L1 weight the controller steers
+# towards `train.target_l0`. The held-out curve and the stopping verdict are in 04_analysis.
 
 # %%
-figures.training_curves(log, ["loss", "l0", "ev_a", "ev_b", "dead_fraction"])
+figures.training_curves(log, ["loss", "l0", "l1_coeff", "ev_a", "ev_b", "dead_fraction"])
 
 # %%
 pd.DataFrame(log).tail(3)

@@ -32,7 +32,7 @@ quick = False
 import pandas as pd
 from IPython.display import display
 
-from hidden_signatures import derived, distill_report, figures, io, metrics, models, params, pipeline
+from hidden_signatures import derived, distill_report, figures, io, lm_training, metrics, models, params, pipeline
 
 run_kl = params.load(kl_params, quick=quick)
 run_jac = params.load(jacobian_params, quick=quick)
@@ -43,7 +43,7 @@ _, jac_spec = distill_report.student_specs(run_jac)
 # ## Training: curves, memory and step time
 
 # %%
-logs = {spec: derived.training_log(run, spec) for run, spec in ((run_kl, kl_spec), (run_jac, jac_spec))}
+logs = {spec: lm_training.step_rows(derived.training_log(run, spec)) for run, spec in ((run_kl, kl_spec), (run_jac, jac_spec))}
 for spec, log in logs.items():
     display(figures.training_curves(log, [k for k in ("loss", "kl", "lm", "jac") if k in log[-1]],
                                     title=spec))
@@ -58,6 +58,17 @@ pd.DataFrame([{"student": spec, **distill_report.training_facts(run, spec)}
 # %%
 students = pd.DataFrame(distill_report.evaluate_students(run_kl, run_jac))
 students
+
+# %% [markdown]
+# ## Learning curves and budgets
+# Both students see the same tokens (same steps, batch and order); the Jacobian term makes each
+# step dearer, so its wall-clock time is longer. The curves show whether each had stopped improving.
+
+# %%
+distill_report.learning_curves(run_kl, run_jac, teacher_ce=float(students["held-out loss"].iloc[0]))
+
+# %%
+pd.DataFrame(distill_report.budgets(run_kl, run_jac))
 
 # %% [markdown]
 # ## Crosscoders: teacher vs each student, layer by layer

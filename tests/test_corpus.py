@@ -158,7 +158,7 @@ def test_load_documents_rebuilds_a_corrupt_cache(isolated_roots, text_file) -> N
 
 
 @pytest.mark.parametrize("make, needle", [
-    (lambda tmp: str(tmp / "missing.txt"), "is not python-docs, hf:<dataset>, or an existing file"),
+    (lambda tmp: str(tmp / "missing.txt"), "is not python-docs, python-code, hf:<dataset>, or an existing file"),
     (lambda tmp: str(tmp), "holds no .txt or .md files"),
     (lambda tmp: "hf:", "'hf:' needs a dataset name"),
 ])
@@ -219,6 +219,27 @@ def test_stdlib_docstrings_real_stdlib() -> None:
     assert all(len(d) > corpus.MIN_DOCSTRING_CHARS for d in docs)
     assert len(set(docs)) == len(docs)
     assert not {"this", "antigravity", "turtle", "tkinter", "idlelib"} & (set(sys.modules) - before)
+
+
+def test_stdlib_code_cuts_every_docstring_and_keeps_code_and_comments(tmp_path, monkeypatch) -> None:
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    body = "\n".join(f"    x{i} = {i}  # comment {i}" for i in range(30))
+    (root / "pkg" / "mod.py").write_text(
+        '"""Module doc\nover two lines."""\nimport os\n\n\nclass K:\n    """Class doc."""\n\n'
+        f'    def m(self):\n        """Method doc."""\n        return 1\n\n\ndef f():\n{body}\n', encoding="utf-8")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(root)})
+    [code] = corpus.stdlib_code()
+    assert "doc" not in code.lower() and "import os" in code and "# comment 29" in code
+    assert "class K:" in code and "return 1" in code
+    compile(code, "mod.py", "exec")  # still valid Python once the docstrings are gone
+
+
+def test_code_and_docs_sources_share_no_document(isolated_roots) -> None:
+    code = corpus.load_documents(corpus.CorpusConfig(source=corpus.CODE_SOURCE))
+    docs = corpus.load_documents(corpus.CorpusConfig(source=corpus.DEFAULT_SOURCE))
+    assert len(code) > 300 and not set(code) & set(docs)
+    assert sum("def " in c for c in code) > 0.5 * len(code)
 
 
 def test_load_documents_sees_an_edited_local_file(isolated_roots) -> None:

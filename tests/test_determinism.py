@@ -165,7 +165,7 @@ def test_trained_crosscoder_is_identical(trained_twice) -> None:
 
 
 @pytest.mark.parametrize("name", [pipeline.METRICS_FILE, analysis.STRENGTHS_FILE, analysis.STRENGTHS_CSV,
-                                  analysis.SCALING_FILE])
+                                  analysis.SCALING_FILE, tr.CURVE_FILE])
 def test_analysis_outputs_are_identical(name, trained_twice) -> None:
     first, second = trained_twice["results"]
     assert (first / name).stat().st_size > 0
@@ -182,7 +182,8 @@ def test_metrics_cover_the_stochastic_parts(trained_twice) -> None:
     assert metrics["precision"]["capability"] and isinstance(metrics["precision"]["bf16_native"], bool)
 
 
-FIGURE_FILES = ["relative_norms.png", "cca_spectrum.png", "shared_cosines.png", "relative_norms.html"]
+FIGURE_FILES = ["relative_norms.png", "cca_spectrum.png", "shared_cosines.png", "relative_norms.html",
+                "convergence.png"]
 
 
 @pytest.mark.parametrize("name", FIGURE_FILES)

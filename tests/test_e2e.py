@@ -65,7 +65,7 @@ def test_tiny_pair_end_to_end(tiny_inputs):
         out = roots / "results" / "tiny-e2e" / layer
         assert (out / "crosscoder.safetensors").stat().st_size > 0
         metrics = json.loads((out / "metrics.json").read_text())
-        for key in ("sharedness", "alignment", "explained_variance", "l0", "dead_fraction", "tokens_trained"):
+        for key in ("sharedness", "alignment", "explained_variance", "l0", "dead_fraction", "tokens_trained", "tokens", "converged"):
             assert key in metrics, key
         assert set(metrics["explained_variance"]) == {"A", "B"}
         assert metrics["d_a"] == 32 and metrics["d_b"] == 48
@@ -127,9 +127,10 @@ def test_made_models_end_to_end(tiny_inputs):
     common = dict(layers=["first", "last"], corpus={"source": str(tiny_inputs / "corpus.txt"), "seq_len": 32},
                   crosscoder={"dict_size": 64}, analysis={"eval_tokens": 1000}, device="cpu",
                   train={"tokens": 4096, "batch_size": 256, "lr": 3e-3},
-                  finetune={"steps": 4, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2},
+                  finetune={"corpus": "python-code", "steps": 4, "batch_size": 2, "warmup_steps": 1,
+                            "checkpoint_every": 2, "eval_every": 2},
                   distill={"steps": 4, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "n_dirs": 1,
-                           "jac_max_seqs": 1})
+                           "jac_max_seqs": 1, "eval_every": 2})
     files = [write_params(tiny_inputs / f"{name}.yaml", name=name, model_a=str(teacher),
                           model_b=f"{kind}:{teacher}", relationship=rel, **common)
              for name, kind, rel in (("tiny-finetuned", "finetune", "finetuning"),
@@ -149,3 +150,12 @@ def test_made_models_end_to_end(tiny_inputs):
     assert (roots / "results" / "06_distill.ipynb").exists()
     derived = list((roots / "cache" / "derived").iterdir())
     assert {d.name.split("-")[0] for d in derived} >= {"finetune", "distill"}
+    for made in (d for d in derived if d.is_dir() and not d.name.startswith(".")):  # learning curves: steps 0, 2, 4
+        curve = [row for row in json.loads((made / "log.json").read_text()) if "eval_step" in row]
+        assert [row["eval_step"] for row in curve] == [0, 2, 4], made.name
+        keys = {"heldout_ce_domain", "heldout_ce_crosscoder_text"} if made.name.startswith("finetune") \
+            else {"heldout_ce", "jacobian_agreement"}
+        assert keys <= set(curve[-1]), made.name
+    config = json.loads((next(d for d in derived if d.name.startswith("finetune")) / "model" / "train_config.json")
+                        .read_text())
+    assert config["info"]["corpus"] == "python-code"

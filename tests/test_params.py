@@ -279,12 +279,13 @@ def test_train_at_changes_the_budget_of_every_crosscoder_at_that_layer_only() ->
     assert pts["middle"].train != plain["middle"].train
 
 
-def test_sanity_pair_trains_its_first_block_and_seed_floor_on_a_third_of_the_budget(bf16_machine) -> None:
+def test_sanity_pair_caps_its_first_block_and_seed_floor_lower(bf16_machine) -> None:
     from hidden_signatures import pipeline
 
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
-        {"first": 300_000, "first-seed1": 300_000, "first-seed2": 300_000, "middle": 1_000_000, "last": 1_000_000}
+        {"first": 400_000, "first-seed1": 400_000, "first-seed2": 400_000, "middle": 1_000_000, "last": 1_000_000}
+    assert {p.train.target_l0 for p in pipeline.points(run)} == {64}
 
 
 def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_machine) -> None:
@@ -292,6 +293,6 @@ def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_mac
 
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
-        {"first": 100_000, "first-seed1": 100_000, "first-seed2": 100_000, "middle": 330_000, "last": 330_000}
+        {"first": 130_000, "first-seed1": 130_000, "first-seed2": 130_000, "middle": 330_000, "last": 330_000}
     assert run.harvest.max_tokens == 100_000
     assert params.load(PARAMS_DIR / "smollm2-same.yaml", quick=True).train.tokens == 15_000

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import save_tiny_model
 
-from hidden_signatures import activations, crosscoder, io
+from hidden_signatures import activations, convergence, crosscoder, io
 from hidden_signatures import train as tr
 from hidden_signatures.crosscoder import CrosscoderConfig
 from hidden_signatures.params import TrainConfig
@@ -122,19 +122,23 @@ def test_batch_indices_straddle_epochs_evenly() -> None:
 
 
 def test_l1_schedule_warms_up_linearly() -> None:
-    cfg = make_cfg(l1_warmup_frac=0.05)
-    assert [tr.l1_schedule(s, 100, cfg, 2.0) for s in (0, 1, 2, 5, 50, 99)] == \
+    cfg, control = make_cfg(l1_warmup_frac=0.05), convergence.Control(l1=2.0)
+    assert [convergence.l1_at(s, control, 100, cfg) for s in (0, 1, 2, 5, 50, 99)] == \
         pytest.approx([0.0, 0.4, 0.8, 2.0, 2.0, 2.0])
-    assert tr.l1_schedule(0, 100, make_cfg(l1_warmup_frac=0.0), 2.0) == 2.0
+    assert convergence.l1_at(0, control, 100, make_cfg(l1_warmup_frac=0.0)) == 2.0
 
 
-def test_lr_schedule_decays_to_zero_at_the_end() -> None:
-    cfg = make_cfg(lr=1e-3, lr_decay_frac=0.2)
-    lrs = [tr.lr_schedule(s, 100, cfg) for s in range(100)]
+def test_lr_schedule_decays_to_zero_at_the_ceiling_when_unconverged() -> None:
+    cfg, control = make_cfg(lr=1e-3, lr_decay_frac=0.2), convergence.Control(l1=1.0)
+    lrs = []
+    for s in range(100):
+        lrs.append(convergence.lr_at(s, control, 100, cfg))
+        convergence.after_step(control, s + 1, 100, cfg)
     assert lrs[:80] == [1e-3] * 80
     assert lrs[90] == pytest.approx(0.5e-3) and lrs[99] == pytest.approx(0.05e-3)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert tr.lr_schedule(99, 100, make_cfg(lr=1e-3, lr_decay_frac=0.0)) == 1e-3
+    assert control.converged is False and convergence.end_step(control, 100, cfg) == 100
+    assert convergence.lr_at(99, convergence.Control(l1=1.0), 100, make_cfg(lr=1e-3, lr_decay_frac=0.0)) == 1e-3
     assert tr.n_steps(make_cfg(tokens=1000, batch_size=300)) == 3
 
 

@@ -56,6 +56,7 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
                                      shared=(a.shared_low, a.shared_high))
     x_a, x_b = raw_eval_rows(data, BASELINE_TOKENS)
     log = io.read_json(out / train_mod.LOG_FILE)
+    conv = io.read_json(out / train_mod.CURVE_FILE)
     result = {
         "pair": run.name, "layer": pt.label, "point": pt.name, "seed": pt.seed, "relationship": run.relationship, "model_a": pipeline.display_name(run.model_a),
         "model_b": pipeline.display_name(run.model_b),
@@ -70,6 +71,8 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
         "alignment_null_gaussian": metrics.alignment_null_gaussian(int(live.sum()), data.d_a, data.d_b)
         if int(live.sum()) - 1 >= data.d_a + data.d_b else None, "explained_variance": ev["explained_variance"], "l0": ev["l0"],
         "dead_fraction": ev["dead_fraction"], "tokens_trained": log[-1]["tokens"],
+        "tokens": conv["tokens"], "token_ceiling": conv["token_ceiling"], "converged": conv["converged"],
+        "target_l0": conv["stopping_rule"]["target_l0"], "final_l1_coeff": conv["final_l1_coeff"],
         "eval_tokens": ev["eval_tokens"], "latent_classes": classes,
         "cka": metrics.linear_cka(x_a.double(), x_b.double()),
         "svcca": metrics.svcca(x_a.double(), x_b.double()),
@@ -89,7 +92,27 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
     io.write_json(out / pipeline.METRICS_FILE, result, digits=6)
     save_strengths(out, W_A, W_B, mean_act, align.score, ev["fire_rate"])
     layer_figures(run, label, n_rel[live], cos, align.spectrum)
+    figures.save_figure(convergence_figure(run, label, conv), pipeline.figure_dir(run, label) / "convergence")
     return result
+
+
+CURVE_KEYS = ("ev_a", "ev_b", "l0", "dead_fraction")
+
+
+def convergence_figure(run: RunConfig, label: str, conv: dict | None = None):
+    """Held-out explained variance of both models, L0 and dead share against tokens, with the verdict."""
+    conv = conv or io.read_json(pipeline.layer_dir(run, label) / train_mod.CURVE_FILE)
+    return figures.training_curves(conv["curve"], list(CURVE_KEYS), step_key="tokens",
+                                   title=f"{run.name} · {label}: {convergence_line(conv)}")
+
+
+def convergence_line(conv: dict) -> str:
+    """One line: converged or not, on how many tokens of the ceiling, and why it stopped."""
+    rule = conv.get("rule") or {}
+    why = (f"EV gained {rule['ev_gain']:.4f} over the last {conv['stopping_rule']['converge_window']:.0%}"
+           if conv["converged"] else "stopped by the token ceiling")
+    verdict = "converged" if conv["converged"] else "not converged"
+    return f"{verdict} at {conv['tokens'] / 1e6:.2f}M of {conv['token_ceiling'] / 1e6:.2f}M tokens ({why})"
 
 
 def save_strengths(out: Path, W_A: torch.Tensor, W_B: torch.Tensor, mean_act: torch.Tensor, sim: float,

@@ -3,6 +3,8 @@
 Sources (params `corpus.source`):
 - `python-docs` (default, offline): `pydoc_data.topics` plus the docstrings longer than 200
   characters found by parsing (never importing) the standard library's .py files;
+- `python-code` (offline): the same .py files with those docstrings cut out, one document per
+  module: source code, text of another kind than the documentation (the fine-tune's domain);
 - `hf:<dataset>[:<config>]`: a hub dataset's `text` column through `datasets`;
 - a path to a local text file or a directory of .txt / .md files.
 
@@ -26,6 +28,8 @@ import torch
 from . import io
 
 DEFAULT_SOURCE = "python-docs"
+CODE_SOURCE = "python-code"
+BUILTIN_SOURCES = (DEFAULT_SOURCE, CODE_SOURCE)
 DOC_SEPARATOR = "\n\n"
 MIN_DOCSTRING_CHARS = 200
 # Fractions of documents (by text hash) in each part; the rest goes to the crosscoder.
@@ -54,13 +58,13 @@ class CorpusConfig:
 
 def check_source(source: str) -> None:
     """Validate a source string cheaply (existence of local files), before heavy work."""
-    if source == DEFAULT_SOURCE or source.startswith("hf:"):
+    if source in BUILTIN_SOURCES or source.startswith("hf:"):
         if source.startswith("hf:") and len(source) <= 3:
             raise ValueError("corpus.source: 'hf:' needs a dataset name, e.g. hf:openwebtext")
         return
     path = Path(source).expanduser()
     if not path.exists():
-        raise ValueError(f"corpus.source: {source!r} is not python-docs, hf:<dataset>, "
+        raise ValueError(f"corpus.source: {source!r} is not python-docs, python-code, hf:<dataset>, "
                          "or an existing file or directory")
     if path.is_dir() and not _text_files(path):
         raise ValueError(f"corpus.source: directory {source!r} holds no .txt or .md files")
@@ -83,24 +87,56 @@ def python_docs() -> list[str]:
     return [d for d in docs if d]
 
 
-def stdlib_docstrings(min_chars: int = MIN_DOCSTRING_CHARS) -> list[str]:
-    """Docstrings longer than `min_chars` from the stdlib sources, parsed with ast (no imports)."""
+def _stdlib_modules() -> list[tuple[str, ast.Module]]:
+    """(source, parsed tree) of every stdlib .py file outside tests and bundled packages, in path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-    out: list[str] = []
+    out = []
     for path in sorted(root.rglob("*.py")):
         if skip.intersection(path.relative_to(root).parts):
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            out.append((text, ast.parse(text)))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
+    return out
+
+
+def _docstring_nodes(tree: ast.Module):
+    """The docstring expression of every module, class and function in `tree`."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                yield first
+
+
+def stdlib_docstrings(min_chars: int = MIN_DOCSTRING_CHARS) -> list[str]:
+    """Docstrings longer than `min_chars` from the stdlib sources, parsed with ast (no imports)."""
+    out: list[str] = []
+    for _, tree in _stdlib_modules():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > min_chars:
                     out.append(doc.strip())
     return list(dict.fromkeys(out))  # drop repeats, keep order
+
+
+def stdlib_code(min_chars: int = MIN_DOCSTRING_CHARS) -> list[str]:
+    """Each stdlib module's source with every docstring cut out (whole lines), comments kept."""
+    docs = []
+    for text, tree in _stdlib_modules():
+        lines = text.splitlines()
+        drop = set()
+        for node in _docstring_nodes(tree):
+            drop.update(range(node.lineno - 1, node.end_lineno))
+        code = "\n".join(line for i, line in enumerate(lines) if i not in drop).strip()
+        if len(code) > min_chars:
+            docs.append(code)
+    return list(dict.fromkeys(docs))
 
 
 def _text_files(directory: Path) -> list[Path]:
@@ -135,7 +171,7 @@ def hub_docs(name: str, max_chars: int | None) -> list[str]:
 def load_documents(cfg: CorpusConfig) -> list[str]:
     """All documents of the configured source, cached as text under the cache root."""
     key = io.config_hash({"source": cfg.source, "max_chars": cfg.max_chars,
-                          "python": sys.version_info[:2] if cfg.source == DEFAULT_SOURCE else None,
+                          "python": sys.version_info[:2] if cfg.source in BUILTIN_SOURCES else None,
                           "files": _local_fingerprint(cfg.source)})
     cached = io.cache_root() / "corpus" / f"{key}.json"
     if cached.exists():
@@ -145,6 +181,8 @@ def load_documents(cfg: CorpusConfig) -> list[str]:
             pass  # corrupt cache: rebuild below
     if cfg.source == DEFAULT_SOURCE:
         docs = python_docs()
+    elif cfg.source == CODE_SOURCE:
+        docs = stdlib_code()
     elif cfg.source.startswith("hf:"):
         docs = hub_docs(cfg.source[3:], cfg.max_chars)
     else:
@@ -157,7 +195,7 @@ def load_documents(cfg: CorpusConfig) -> list[str]:
 
 def _local_fingerprint(source: str) -> list[tuple[str, str]] | None:
     """Content hashes of a local source's files, so an edited file is never served from the cache."""
-    if source == DEFAULT_SOURCE or source.startswith("hf:"):
+    if source in BUILTIN_SOURCES or source.startswith("hf:"):
         return None
     path = Path(source).expanduser()
     files = _text_files(path) if path.is_dir() else [path]

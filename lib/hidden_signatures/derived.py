@@ -4,7 +4,9 @@ A params file may name, as model_a or model_b,
 - `finetune:<base>`: <base> fine-tuned with the LM loss on the corpus's `finetune` part;
 - `distill-kl:<base>` / `distill-jacobian:<base>`: a half-depth student of <base> trained on the
   same part with the KL objective, or KL plus Jacobian matching.
-Settings come from the params' `finetune:` / `distill:` sections. The result is a plain HF
+Settings come from the params' `finetune:` / `distill:` sections; their `corpus:` key (a corpus
+source, e.g. python-code) trains on another text than the crosscoder's, by default the same source.
+The result is a plain HF
 directory under <cache>/derived/<kind>-<hash of base, data and settings>/model, which any
 params file can also name directly as a local directory.
 """
@@ -21,6 +23,8 @@ from .params import ParamsError, RunConfig
 KINDS = ("finetune", "distill-kl", "distill-jacobian")
 TRAIN_PART = "finetune"
 EVAL_PART = "heldout"
+CURVE_SEQS = 16
+"""Held-out sequences per point of a made model's learning curve."""
 
 
 def parse(spec: str) -> tuple[str, str] | None:
@@ -35,12 +39,27 @@ def is_derived(spec: str) -> bool:
     return parse(spec) is not None
 
 
+def _section(run: RunConfig, kind: str) -> tuple[dict, str]:
+    return (run.finetune, "finetune") if kind == "finetune" else (run.distill, "distill")
+
+
+def train_corpus(run: RunConfig, kind: str) -> corpus.CorpusConfig:
+    """The corpus a derived model trains on: the section's `corpus:` source, else the params' corpus."""
+    raw, name = _section(run, kind)
+    source = raw.get("corpus", run.corpus.source)
+    try:
+        return dataclasses.replace(run.corpus, source=source)
+    except ValueError as exc:
+        raise ParamsError(f"{name}.{exc}") from None
+
+
 def train_config(run: RunConfig, kind: str):
     """The validated LMTrainConfig (fine-tune) or DistillConfig (distill-*) from the params."""
     from .distill import DistillConfig
 
-    cls, raw, name = ((lm_training.LMTrainConfig, run.finetune, "finetune") if kind == "finetune"
-                      else (DistillConfig, run.distill, "distill"))
+    cls = lm_training.LMTrainConfig if kind == "finetune" else DistillConfig
+    raw, name = _section(run, kind)
+    raw = {k: v for k, v in raw.items() if k != "corpus"}
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -80,13 +99,14 @@ def check(run: RunConfig, spec: str) -> None:
         raise ParamsError(f"model {spec}: the base of a derived model must be an ordinary model")
     models.check_spec(base)
     train_config(run, kind)
+    train_corpus(run, kind)
 
 
-def train_tokens(run: RunConfig, base: str, part: str = TRAIN_PART):
-    """The base tokenizer's sequences of a corpus part (never the crosscoder's part)."""
+def train_tokens(run: RunConfig, base: str, kind: str, part: str = TRAIN_PART):
+    """The base tokenizer's sequences of a part of the training corpus (never the crosscoder's part)."""
     from .pipeline import load_tokenizer
 
-    return corpus.tokenize_part(run.corpus, load_tokenizer(base), part)
+    return corpus.tokenize_part(train_corpus(run, kind), load_tokenizer(base), part)
 
 
 def directory(run: RunConfig, spec: str) -> Path:
@@ -94,7 +114,7 @@ def directory(run: RunConfig, spec: str) -> Path:
     from .activations import model_identity
 
     kind, base = parse(spec)
-    ids = train_tokens(run, base)
+    ids = train_tokens(run, base, kind)
     data = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     key = io.config_hash({"kind": kind, "base": model_identity(base), "data": data,
                           "cfg": dataclasses.asdict(train_config(run, kind))})
@@ -117,13 +137,17 @@ def _train(run: RunConfig, kind: str, base: str, out: Path) -> Path:
 
     cfg = train_config(run, kind)
     model, tok = models.load_model(base, device=models.pick_device(run.device), dtype=_fp32())
-    ids = train_tokens(run, base)
-    info = {"base": base, "kind": kind, "train_part": TRAIN_PART, "sequences": int(ids.shape[0])}
+    ids = train_tokens(run, base, kind)
+    info = {"base": base, "kind": kind, "corpus": train_corpus(run, kind).source, "train_part": TRAIN_PART,
+            "sequences": int(ids.shape[0])}
+    own = train_tokens(run, base, kind, EVAL_PART)[:CURVE_SEQS]
     if kind == "finetune":
         model.requires_grad_(True)
-        return finetune.finetune(model, tok, ids, cfg, out, info=info)
+        crosscoder_text = corpus.tokenize_part(run.corpus, tok, EVAL_PART)[:CURVE_SEQS]
+        heldout = {"domain": own, "crosscoder_text": crosscoder_text}
+        return finetune.finetune(model, tok, ids, cfg, out, info=info, heldout=heldout)
     objective = "kl" if kind == "distill-kl" else "kl_jacobian"
-    return distill.distill(model, tok, ids, cfg, objective, out, info=info)
+    return distill.distill(model, tok, ids, cfg, objective, out, info=info, heldout_NT=own)
 
 
 def _fp32():
@@ -145,6 +169,25 @@ def materialize(run: RunConfig, build_missing: bool = True) -> RunConfig:
             build(run, spec)
         specs[field] = str(lm_training.model_dir(out))
     return dataclasses.replace(run, **specs) if specs else run
+
+
+def domain_report(raw: RunConfig, built: RunConfig, field: str) -> dict | None:
+    """Held-out CE of a fine-tuned model and its base on the fine-tune's own text and on the
+    crosscoder's text, with their ratios (None unless `field` names a fine-tune on another text)."""
+    from .pipeline import model_report
+
+    spec = getattr(raw, field)
+    parsed = parse(spec)
+    if not parsed or parsed[0] != "finetune":
+        return None
+    domain = train_corpus(raw, "finetune")
+    out = {"model": spec, "fine-tune text": domain.source, "crosscoder text": raw.corpus.source}
+    for name, text in (("own", domain), ("crosscoder", raw.corpus)):
+        base = model_report(built, parsed[1], text=text)["held-out loss"]
+        tuned = model_report(built, getattr(built, field), text=text)["held-out loss"]
+        out.update({f"base CE ({name} text)": base, f"fine-tuned CE ({name} text)": tuned,
+                    f"ratio ({name} text)": round(tuned / base, 4)})
+    return out
 
 
 def training_log(run: RunConfig, spec: str) -> list[dict]:

@@ -15,6 +15,7 @@ through its JVP (torch.autograd.forward_ad does not: HF eager softmax is in plac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import io, lm_training
-from .finetune import lm_loss
+from .finetune import heldout_loss, lm_loss
 from .lm_training import LMTrainConfig, StepFn, is_complete, model_dir, run
 
 OBJECTIVES = ("kl", "kl_jacobian")
@@ -198,12 +199,18 @@ def distill_key(teacher_spec: str, data_fingerprint: str, cfg: DistillConfig, ob
                            "objective": objective, "config": asdict(cfg)})
 
 
+CURVE_JVP_SEQS, CURVE_JVP_TOKENS, CURVE_JVP_SEED = 2, 64, 12345  # held-out directions, never trained on
+
+
 def distill(teacher: nn.Module, tokenizer: Any, train_NT: torch.Tensor, cfg: DistillConfig,
-            objective: str, out_dir: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
+            objective: str, out_dir: str | os.PathLike, info: dict[str, Any] | None = None,
+            heldout_NT: torch.Tensor | None = None) -> Path:
     """Distil a half-depth student with `objective`; return its saved HF directory (cached when complete).
 
     The directory's train_config.json records the copied teacher blocks, peak RSS and mean step time.
     The teacher runs in eval mode and, for kl_jacobian, eager attention; both are restored afterwards.
+    With `heldout_NT` and cfg.eval_every, the log holds the learning curve: held-out cross-entropy
+    and Jacobian agreement against tokens seen.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: accepted {OBJECTIVES}")
@@ -218,12 +225,39 @@ def distill(teacher: nn.Module, tokenizer: Any, train_NT: torch.Tensor, cfg: Dis
     try:
         run_info = {"objective": objective, "teacher_blocks": kept,
                     "teacher_layers": teacher.config.num_hidden_layers, **(info or {})}
+        eval_fn = None if heldout_NT is None else curve_fn(teacher, heldout_NT, cfg)
         return run(student, make_step_fn(teacher, cfg, objective), train_NT, cfg, out_dir,
-                   desc=f"distill-{objective}", tokenizer=tokenizer, info=run_info)
+                   desc=f"distill-{objective}", tokenizer=tokenizer, info=run_info, eval_fn=eval_fn)
     finally:
         teacher.train(was_training)
         if attn not in (None, "eager") and hasattr(teacher, "set_attn_implementation"):
             teacher.set_attn_implementation(attn)
+
+
+def curve_fn(teacher: nn.Module, heldout_NT: torch.Tensor, cfg: DistillConfig):
+    """The learning curve's held-out numbers of a student: cross-entropy and Jacobian agreement."""
+    jvp_ids = heldout_NT[:CURVE_JVP_SEQS, :CURVE_JVP_TOKENS]
+
+    def numbers(student: nn.Module) -> dict[str, float]:
+        ce = heldout_loss(student, heldout_NT, autocast_dtype=cfg.autocast_dtype)
+        with eager_attention(teacher, student):
+            agreement = jacobian_agreement(teacher, student, jvp_ids, n_dirs=2, seed=CURVE_JVP_SEED, batch_size=2)
+        return {"heldout_ce": ce, "jacobian_agreement": agreement}
+    return numbers
+
+
+@contextlib.contextmanager
+def eager_attention(*models: nn.Module):
+    """Eager attention on `models` for the block (forward-mode AD needs it), their own restored after."""
+    saved = [getattr(m.config, "_attn_implementation", None) for m in models]
+    for m in models:
+        ensure_eager(m)
+    try:
+        yield
+    finally:
+        for m, impl in zip(models, saved):
+            if impl not in (None, "eager") and hasattr(m, "set_attn_implementation"):
+                m.set_attn_implementation(impl)
 
 
 @torch.no_grad()

@@ -31,6 +31,32 @@ def training_facts(run: RunConfig, spec: str) -> dict:
             **{k: v for k, v in metrics.items()}}
 
 
+def learning_curves(run_kl: RunConfig, run_jac: RunConfig, teacher_ce: float | None = None):
+    """Both students' held-out CE and Jacobian agreement against tokens seen (one figure, teacher dotted)."""
+    from . import figures
+
+    curves = {spec: lm_training.curve(derived.training_log(run, spec))
+              for run, spec in ((run_kl, student_specs(run_kl)[1]), (run_jac, student_specs(run_jac)[1]))}
+    reference = {"jacobian_agreement": 1.0, **({"heldout_ce": teacher_ce} if teacher_ce is not None else {})}
+    return figures.learning_curves(curves, ["heldout_ce", "jacobian_agreement"], reference=reference,
+                                   reference_name="teacher", title="Students: held-out CE and Jacobian "
+                                   f"agreement against tokens ({derived.CURVE_SEQS} held-out sequences)")
+
+
+def budgets(run_kl: RunConfig, run_jac: RunConfig) -> list[dict]:
+    """Tokens, steps and wall-clock training time of each student, side by side."""
+    rows = []
+    for run in (run_kl, run_jac):
+        spec = student_specs(run)[1]
+        facts = training_facts(run, spec)
+        cfg = derived.train_config(run, derived.parse(spec)[0])
+        ids = derived.train_tokens(run, derived.parse(spec)[1], derived.parse(spec)[0])
+        rows.append({"student": spec, "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * ids.shape[1],
+                     "train minutes": round(facts.get("train_seconds", float("nan")) / 60, 1),
+                     "seconds per step": round(facts.get("mean_step_time_s", float("nan")), 2)})
+    return rows
+
+
 def evaluate_students(run_kl: RunConfig, run_jac: RunConfig, device: str = "cpu") -> list[dict]:
     """Held-out cross-entropy and Jacobian agreement (cosine of JVPs) of the teacher and both students."""
     teacher_spec, kl_spec = student_specs(run_kl)

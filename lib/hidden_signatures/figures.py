@@ -198,6 +198,29 @@ def training_curves(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *, s
     return fig
 
 
+def learning_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str], *,
+                    x_key: str = "tokens", title: str = "Learning curves",
+                    reference: Mapping[str, float] | None = None, reference_name: str = "reference") -> go.Figure:
+    """One panel per key, one line per named run (e.g. two students), a dotted reference level per key."""
+    if not keys:
+        raise ValueError("keys is empty: name at least one logged quantity to plot")
+    fig = make_subplots(rows=len(keys), cols=1, shared_xaxes=True, subplot_titles=list(keys),
+                        vertical_spacing=min(0.1, 0.3 / len(keys)))
+    for i, key in enumerate(keys):
+        for j, (name, rows) in enumerate(curves.items()):
+            pts = [(r[x_key], r[key]) for r in rows if r.get(key) is not None and x_key in r]
+            x, y = (list(t) for t in zip(*pts)) if pts else ([], [])
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name,
+                                     showlegend=i == 0, line={"color": COLORS[j % len(COLORS)], "width": 1.5}),
+                          row=i + 1, col=1)
+        if reference and key in reference:
+            fig.add_hline(y=reference[key], line={"dash": "dot", "color": "gray"}, row=i + 1, col=1,
+                          annotation_text=reference_name, annotation_position="top left")
+    _style(fig, title)
+    fig.update_xaxes(title_text=x_key, row=len(keys), col=1)
+    return fig
+
+
 def strength_scatter(data_strength: Any, model_strength: Any, labels: Sequence[str] | None = None, *,
                      name_a: str = "A", name_b: str = "B",
                      title: str = "Latent strengths: data vs model") -> go.Figure:

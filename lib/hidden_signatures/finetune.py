@@ -39,13 +39,22 @@ def finetune_key(base_spec: str, data_fingerprint: str, cfg: LMTrainConfig) -> s
 
 
 def finetune(model: nn.Module, tokenizer: Any, train_NT: torch.Tensor, cfg: LMTrainConfig,
-             out_dir: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
-    """Fine-tune a copy of `model` on `train_NT` and return the saved HF directory (cached when complete)."""
+             out_dir: str | os.PathLike, info: dict[str, Any] | None = None,
+             heldout: dict[str, torch.Tensor] | None = None) -> Path:
+    """Fine-tune a copy of `model` on `train_NT` and return the saved HF directory (cached when complete).
+
+    `heldout` ({name: sequences}) with cfg.eval_every logs the held-out cross-entropy on each
+    against tokens seen (e.g. the fine-tune's own domain and the crosscoder's text).
+    """
     if is_complete(out_dir):
         return model_dir(out_dir)
     trainee = copy.deepcopy(model)  # the caller's base model stays untouched (it is model A)
+
+    def numbers(m: nn.Module) -> dict[str, float]:
+        return {f"heldout_ce_{name}": heldout_loss(m, ids, autocast_dtype=cfg.autocast_dtype)
+                for name, ids in (heldout or {}).items()}
     return run(trainee, lm_step, train_NT, cfg, out_dir, desc="finetune", tokenizer=tokenizer,
-               info={"objective": "lm", **(info or {})})
+               info={"objective": "lm", **(info or {})}, eval_fn=numbers if heldout else None)
 
 
 @torch.no_grad()

@@ -76,8 +76,13 @@ class LMTrainConfig:
     """Final learning rate as a fraction of `lr`."""
     autocast_dtype: str = "auto"
     """Autocast dtype for forward passes: auto (bf16 where native, else fp32), bfloat16, float16 or float32 (off)."""
+    eval_every: int = 0
+    """Held-out evaluation (cross-entropy, and for students Jacobian agreement) every this many steps
+    and at the end, logged as the learning curve; 0: none."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every={self.eval_every}: must be an integer >= 0")
         positive = {"steps": self.steps, "batch_size": self.batch_size,
                     "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
         for name, value in positive.items():
@@ -228,6 +233,29 @@ class PeakMemory:
         return out
 
 
+def _evaluator(eval_fn: EvalFn | None, cfg: LMTrainConfig, seq_len: int):
+    """A function of (model, step, seconds) giving the learning-curve rows due at that step ([] or one)."""
+    def evaluate(model: nn.Module, step: int, seconds: float) -> list[dict[str, float]]:
+        if eval_fn is None or not cfg.eval_every or (step % cfg.eval_every and step != cfg.steps):
+            return []
+        with torch.no_grad():
+            numbers = eval_fn(model)
+        model.train()
+        return [{"eval_step": step, "tokens": step * cfg.batch_size * seq_len,
+                 "train_seconds": round(seconds, 1), **numbers}]
+    return evaluate
+
+
+def curve(rows: list[dict]) -> list[dict]:
+    """The learning-curve rows of a training log (those written by the held-out evaluation)."""
+    return [row for row in rows if "eval_step" in row]
+
+
+def step_rows(rows: list[dict]) -> list[dict]:
+    """The training rows of a log (means of the per-step numbers over each log interval)."""
+    return [row for row in rows if "step" in row]
+
+
 def _write_logs(out_dir: Path, rows: list[dict[str, float]]) -> None:
     """Write the log rows as log.json and log.csv (columns: union of keys, step first)."""
     io.write_json(out_dir / "log.json", rows)
@@ -280,12 +308,17 @@ def _train_step(model: nn.Module, step_fn: StepFn, batch_BT: torch.Tensor, step:
             **{k: float(v) for k, v in logged.items()}}
 
 
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
 def run(model: nn.Module, step_fn: StepFn, data_NT: torch.Tensor, cfg: LMTrainConfig,
         out_dir: str | os.PathLike, desc: str = "train", tokenizer: Any = None,
-        info: dict[str, Any] | None = None) -> Path:
+        info: dict[str, Any] | None = None, eval_fn: EvalFn | None = None) -> Path:
     """Train `model` in place (fp32 master weights) with `step_fn`, resuming from the last checkpoint.
 
-    Returns the finished HF model directory; `info` is stored in its train_config.json.
+    Returns the finished HF model directory; `info` is stored in its train_config.json. With
+    cfg.eval_every and `eval_fn`, the log also holds eval_fn's held-out numbers at step 0, every
+    eval_every steps and at the end (the learning curve), each with the tokens seen and the seconds.
     """
     out_dir = Path(out_dir)
     if is_complete(out_dir):
@@ -299,13 +332,17 @@ def run(model: nn.Module, step_fn: StepFn, data_NT: torch.Tensor, cfg: LMTrainCo
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
     config_json = _config_json(cfg)
-    start, rows = 0, []
+    start, rows, seconds_before = 0, [], 0.0
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
         state = _load_checkpoint(ckpt, model, optimizer, cfg)
         start, rows = state["step"], state["log_rows"]
+        seconds_before = float(state.get("train_seconds", 0.0))  # training time of earlier sessions
     pending: list[dict[str, float]] = []
     step_times: list[float] = []
+    evaluate = _evaluator(eval_fn, cfg, data_NT.shape[1])
+    if start == 0:
+        rows.extend(evaluate(model, 0, 0.0))
     with PeakMemory() as memory, tqdm(total=cfg.steps, initial=start, desc=desc) as bar:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -318,13 +355,16 @@ def run(model: nn.Module, step_fn: StepFn, data_NT: torch.Tensor, cfg: LMTrainCo
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rows.append({"step": done, **{k: sum(r[k] for r in pending) / len(pending) for k in pending[0]}})
                 pending = []
+            rows.extend(evaluate(model, done, seconds_before + sum(step_times)))
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_checkpoint(out_dir, done, model, optimizer, {"config": config_json, "log_rows": rows})
+                _save_checkpoint(out_dir, done, model, optimizer, {"config": config_json, "log_rows": rows,
+                                                                       "train_seconds": seconds_before + sum(step_times)})
                 _write_logs(out_dir, rows)
     _write_logs(out_dir, rows)
     metrics = {**memory.report(), "mean_step_time_s": sum(step_times) / max(1, len(step_times)),
                "steps_this_session": len(step_times), "resumed_from_step": start,
-               "final_loss": rows[-1]["loss"] if rows else None}
+               "final_loss": next((r["loss"] for r in reversed(rows) if "loss" in r), None),
+               "train_seconds": round(seconds_before + sum(step_times), 1)}
     summary = {"config": config_json, "info": info or {}, "metrics": metrics, "desc": desc}
     final = _save_final(out_dir, model, tokenizer, summary)
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)

@@ -105,7 +105,8 @@ class TrainConfig:
     """The crosscoder's optimisation."""
 
     tokens: int = 1_500_000
-    """Training tokens (the store is cycled in a fresh seeded order each epoch)."""
+    """Token ceiling: training stops here if the stopping rule has not stopped it before (the store
+    is cycled in a fresh seeded order each epoch)."""
     batch_size: int = 1024
     """Tokens per step."""
     lr: float = 1e-3
@@ -130,7 +131,28 @@ class TrainConfig:
     sparse_below: float = SPARSE_BELOW
     """A batch whose share of active (token, latent) pairs is below this takes the sparse step
     (0 never, 1 always); measured by `bash run_all.sh bench` (README, Speed)."""
+    target_l0: int | None = None
+    """Steer the L1 weight during training so the batch L0 settles here (crosscoder.l1_coeff is the
+    starting value); None keeps the L1 weight fixed after its warm-up. BatchTopK's L0 is its k."""
+    l1_rate: float = 0.01
+    """Integral gain of the L1 controller: log(l1) moves by up to this much per step."""
+    eval_every: int = 0
+    """Steps between held-out evaluations for the convergence curve (0: a 25th of the ceiling, at least 10)."""
+    eval_tokens: int = 8192
+    """Held-out tokens per evaluation of the convergence curve."""
+    converge_gain: float = 0.005
+    """Stopping rule: held-out explained variance gained less than this over the last converge_window."""
+    converge_window: float = 0.2
+    """Share of the tokens seen over which the stopping rule measures the gain."""
+    min_frac: float = 0.25
+    """Share of the token ceiling trained before the stopping rule is checked."""
+    resample: bool = True
+    """Resample dead latents (ReLU+L1 crosscoder) at every held-out evaluation before the final decay."""
     seed: int = 0
+
+    def eval_interval(self) -> int:
+        """Steps between held-out evaluations."""
+        return self.eval_every or max(10, (self.tokens // self.batch_size) // 25)
 
     def __post_init__(self) -> None:
         _positive("train.tokens", self.tokens)
@@ -148,6 +170,17 @@ class TrainConfig:
         _choice("train.dtype", self.dtype, precision.SETTINGS)
         _choice("train.step", self.step, STEPS)
         _in_range("train.sparse_below", self.sparse_below, 0.0, 1.0)
+        if self.target_l0 is not None:
+            _positive("train.target_l0", self.target_l0)
+        _in_range("train.l1_rate", self.l1_rate, 0.0, 1.0)
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ParamsError(f"train.eval_every: {self.eval_every!r} must be a non-negative integer")
+        _positive("train.eval_tokens", self.eval_tokens)
+        _in_range("train.converge_gain", self.converge_gain, 0.0, 1.0)
+        _in_range("train.converge_window", self.converge_window, 0.0, 1.0, low_open=True)
+        _in_range("train.min_frac", self.min_frac, 0.0, 1.0)
+        if not isinstance(self.resample, bool):
+            raise ParamsError(f"train.resample: {self.resample!r} must be true or false")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ParamsError(f"train.seed: {self.seed!r} must be a non-negative integer")
 

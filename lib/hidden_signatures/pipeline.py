@@ -111,8 +111,10 @@ def load_run(params_file: str | Path, quick: bool = False, build_models: bool = 
     return derived.materialize(run, build_missing=build_models)
 
 
-def model_report(run: RunConfig, spec: str, max_seqs: int = 32) -> dict:
-    """Blocks, width, parameters and held-out next-token loss of a model (on the `heldout` part).
+def model_report(run: RunConfig, spec: str, max_seqs: int = 32,
+                 text: corpus.CorpusConfig | None = None) -> dict:
+    """Blocks, width, parameters and held-out next-token loss of a model (on the `heldout` part of
+    `text`, by default the params' corpus).
 
     Cached by model files, corpus and device: pairs that share a model (most share SmolLM2-135M)
     measure it once.
@@ -120,11 +122,12 @@ def model_report(run: RunConfig, spec: str, max_seqs: int = 32) -> dict:
     from . import finetune
 
     device = models.pick_device(run.device)
-    cached = io.cache_root() / REPORTS_DIR / f"{_report_key(run, spec, max_seqs, device)}.json"
+    text = text or run.corpus
+    cached = io.cache_root() / REPORTS_DIR / f"{_report_key(run, spec, max_seqs, device, text)}.json"
     if cached.exists():
         return io.read_json(cached)
     model, tok = models.load_model(spec, device=device, dtype=torch.float32)
-    ids = corpus.tokenize_part(run.corpus, tok, "heldout")[:max_seqs]
+    ids = corpus.tokenize_part(text, tok, "heldout")[:max_seqs]
     report = {"blocks": models.num_blocks(model), "width": models.hidden_size(model),
               "parameters (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
               "held-out loss": round(finetune.heldout_loss(model, ids, batch_size=8), 4),
@@ -133,13 +136,14 @@ def model_report(run: RunConfig, spec: str, max_seqs: int = 32) -> dict:
     return report
 
 
-def _report_key(run: RunConfig, spec: str, max_seqs: int, device: torch.device) -> str:
+def _report_key(run: RunConfig, spec: str, max_seqs: int, device: torch.device,
+                text: corpus.CorpusConfig) -> str:
     """What a model report depends on: the model's files (name, size, mtime), the corpus, the device."""
     source = models.resolve_spec(spec)
     path = Path(source)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()) \
         if path.is_dir() else source
-    return io.config_hash({"model": source, "files": files, "corpus": asdict(run.corpus), "max_seqs": max_seqs,
+    return io.config_hash({"model": source, "files": files, "corpus": asdict(text), "max_seqs": max_seqs,
                            "device": device.type})
 
 

@@ -21,7 +21,7 @@ PAPER_PAIRS = {"sanity": "GPT-2 vs GPT-2", "finetuning": "Gemma-2-2B vs IT",
 HEADLINE = ("sharedness", "alignment", "cka")
 COLUMNS = ["pair", "relationship", "layer", "architecture", "seeds", "sharedness", "sharedness_spread",
            "sharedness_null", "alignment", "alignment_spread", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
-           "dead_fraction", "aligned_fraction", "precision", "paper_sharedness", "paper_alignment"]
+           "dead_fraction", "tokens", "converged", "aligned_fraction", "precision", "paper_sharedness", "paper_alignment"]
 
 
 def load_points(results_root: Path) -> pd.DataFrame:
@@ -36,6 +36,7 @@ def load_points(results_root: Path) -> pd.DataFrame:
                      "alignment": m["alignment"], "alignment_null": m.get("alignment_null_permutation"),
                      "cka": m.get("cka"), "svcca": m.get("svcca"), "ev_a": m["explained_variance"]["A"],
                      "ev_b": m["explained_variance"]["B"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
+                     "tokens": m.get("tokens"), "converged": m.get("converged"),
                      "aligned_fraction": m.get("aligned_fraction"), "precision": _precision(m.get("precision")),
                      "machine": _machine(m.get("precision"))})
     return pd.DataFrame(rows)
@@ -78,6 +79,8 @@ def collect(results_root: Path) -> pd.DataFrame:
                     "dead_fraction", "aligned_fraction"):
             row[col] = group[col].mean() if group[col].notna().any() else None
         row["precision"] = ", ".join(sorted(set(group["precision"])))
+        row["tokens"] = group["tokens"].mean() if group["tokens"].notna().any() else None
+        row["converged"] = bool(group["converged"].eq(True).all())  # every seed stopped by the rule
         for col in ("sharedness", "alignment"):
             row[f"{col}_spread"] = group[col].std(ddof=1) if len(group) > 1 else None
         out.append(row)
@@ -144,14 +147,29 @@ def _null(value) -> str:
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """The summary as Markdown for the README: ours (± seed spread, null) beside the paper's."""
-    head = ("| pair | crosscoder | layer | sharedness (null) | alignment (null) | CKA | EV A / B | L0 | "
-            "paper (sharedness / alignment) |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| pair | crosscoder | layer | sharedness (null) | alignment (null) | CKA | EV A / B | L0 | dead | "
+            "tokens | paper (sharedness / alignment) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in frame.itertuples(index=False):
         paper = "" if r.paper_sharedness is None or pd.isna(r.paper_sharedness) else \
             f"{r.paper_sharedness:.2f} / {r.paper_alignment:.3f}"
         lines.append(f"| {r.pair} | {r.architecture} | {r.layer} | "
                      f"{_pm(r.sharedness, r.sharedness_spread)}{_null(r.sharedness_null)} | "
                      f"{_pm(r.alignment, r.alignment_spread)}{_null(r.alignment_null)} | {_pm(r.cka, None)} | "
-                     f"{r.ev_a:.2f} / {r.ev_b:.2f} | {r.l0:.0f} | {paper} |")
+                     f"{r.ev_a:.2f} / {r.ev_b:.2f} | {r.l0:.0f} | {r.dead_fraction:.2f} | "
+                     f"{_tokens(r.tokens, r.converged)} | {paper} |")
+    if not frame.empty and not frame["converged"].all():
+        lines.append("")
+        lines.append(f"{NOT_CONVERGED} did not converge: the token ceiling, not the stopping rule, ended its training "
+                     "(held-out explained variance still rising; see its curve in 04_analysis).")
     return "\n".join(lines)
+
+
+NOT_CONVERGED = "†"
+
+
+def _tokens(tokens, converged) -> str:
+    """Tokens trained, e.g. `0.64M`, marked when the run did not converge."""
+    if tokens is None or pd.isna(tokens):
+        return ""
+    return f"{tokens / 1e6:.2f}M" + ("" if converged else f" {NOT_CONVERGED}")

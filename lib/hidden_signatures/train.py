@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import crosscoder as cc_mod
-from . import distributed, fused_loss, io, precision
+from . import convergence, distributed, fused_loss, io, precision, resample
 from .activations import PairedActivations
 from .params import TrainConfig
 
@@ -35,6 +35,7 @@ CHECKPOINT_DIR = "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 LOG_FILE = "train_log.json"
+CURVE_FILE = "convergence.json"
 LOG_KEYS = ("loss", "mse_a", "mse_b", "l0", "ev_a", "ev_b")
 
 
@@ -68,20 +69,6 @@ def _permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         _PERM_CACHE[key] = torch.randperm(n_rows, generator=gen).numpy()
     return _PERM_CACHE[key]
-
-
-def l1_schedule(step: int, total: int, cfg: TrainConfig, l1_coeff: float) -> float:
-    """L1 weight: linear warm-up over the first l1_warmup_frac of steps, then constant."""
-    warm = cfg.l1_warmup_frac * total
-    return l1_coeff * min(1.0, step / warm) if warm > 0 else l1_coeff
-
-
-def lr_schedule(step: int, total: int, cfg: TrainConfig) -> float:
-    """Learning rate: constant, then linear decay to 0 over the last lr_decay_frac of steps."""
-    decay_start = total * (1 - cfg.lr_decay_frac)
-    if step < decay_start or cfg.lr_decay_frac == 0:
-        return cfg.lr
-    return cfg.lr * max(0.0, (total - step) / (total - decay_start))
 
 
 def explained_variance(x_NA: torch.Tensor, xhat_NA: torch.Tensor) -> torch.Tensor:
@@ -136,11 +123,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l1_coeff: float,
           out_dir: str | Path, device: torch.device | str = "cpu", desc: str = "train") -> list[dict]:
-    """Train `model` on the training rows of `data`, resuming from out_dir/checkpoint if present.
+    """Train `model` on the training rows of `data` until the stopping rule or the token ceiling,
+    resuming from out_dir/checkpoint if present (see convergence.py for the rule and the L1 control).
 
-    Writes out_dir/crosscoder.safetensors, crosscoder_config.json and train_log.json at the end;
-    returns the log rows. In a process group (WORLD_SIZE > 1) every rank calls this with the same
-    arguments; rank 0 alone writes files, and every rank returns the same log.
+    Writes out_dir/crosscoder.safetensors, crosscoder_config.json, train_log.json and
+    convergence.json at the end; returns the log rows. In a process group (WORLD_SIZE > 1) every
+    rank calls this with the same arguments; rank 0 alone writes files, and every rank returns the same log.
     """
     out_dir = Path(out_dir)
     rank, world = distributed.init_from_env(device)
@@ -152,19 +140,19 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
     opt = make_optimizer(model, cfg, device)
     total = n_steps(cfg)
     distributed.barrier()  # e.g. rank 0 has removed a stale checkpoint before anyone resumes
-    step, log = _resume(model, opt, out_dir / CHECKPOINT_DIR)
+    step, log, curve, control = _resume(model, opt, out_dir / CHECKPOINT_DIR, l1_coeff)
     loss_fn = _loss_fn(model, cfg, device)
     fired_since = torch.zeros(model.cfg.dict_size, dtype=torch.long, device=device)
     window = dict.fromkeys(LOG_KEYS, 0.0) | {"n": 0}
     t0 = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", disable=rank != 0) as bar:
-        while step < total:
+        while step < convergence.end_step(control, total, cfg):
             idx = batch_indices(step, cfg.batch_size, data.n_train, cfg.seed)
             mine = idx[rank::world]
             x_a, x_b = (t.to(device) for t in data.train_batch(mine))
             for group in opt.param_groups:
-                group["lr"] = lr_schedule(step, total, cfg)
-            lam = l1_schedule(step, total, cfg, l1_coeff)
+                group["lr"] = convergence.lr_at(step, control, total, cfg)
+            lam = convergence.l1_at(step, control, total, cfg)
             parts = loss_fn(x_a, x_b, lam)
             share = len(mine) * world / len(idx)  # 1.0 unless the batch does not split evenly
             numbers = _step_numbers(parts, model, x_a, x_b, share)
@@ -175,24 +163,68 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
             _scaled(parts.total, share).backward()
             opt.step()
             model.post_step()
+            if cfg.target_l0 is not None and step >= cfg.l1_warmup_frac * total:  # steered after the warm-up
+                control.l1 = convergence.next_l1(control.l1, numbers["l0"], cfg.target_l0, cfg.l1_rate)
             step += 1
             _accumulate(window, numbers, len(idx), fired_since)
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.eval_interval() == 0:
+                _heldout_point(model, opt, data, cfg, step, idx, curve, control, total, device)
+            convergence.after_step(control, step, total, cfg)
+            end = convergence.end_step(control, total, cfg)
+            if step % cfg.log_every == 0 or step == end:
                 log.append(_log_row(window, step, cfg, lam, opt, fired_since, t0))
                 bar.set_postfix(loss=f"{log[-1]['loss']:.3g}", l0=f"{log[-1]['l0']:.0f}",
                                 ev_a=f"{log[-1]['ev_a']:.2f}", ev_b=f"{log[-1]['ev_b']:.2f}")
-            if step % cfg.checkpoint_every == 0 and step < total:
+            if step % cfg.checkpoint_every == 0 and step < end:
                 if rank == 0:
-                    save_checkpoint(model, opt, step, log, out_dir / CHECKPOINT_DIR)
+                    save_checkpoint(model, opt, step, log, out_dir / CHECKPOINT_DIR, curve, control)
                 distributed.barrier()
             bar.update(1)
     del loss_fn  # drops DDP's gradient hooks from the parameters
+    if not curve or curve[-1]["tokens"] != step * cfg.batch_size:
+        curve.append(heldout_row(model, data, cfg, step, device)[0])
     if rank == 0:
         model.save(out_dir)
         io.write_json(out_dir / LOG_FILE, log, digits=6)
+        io.write_json(out_dir / CURVE_FILE, convergence_record(curve, control, step, total, cfg), digits=6)
         remove_checkpoints(out_dir / CHECKPOINT_DIR)
     distributed.barrier()
     return log
+
+
+def heldout_row(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, step: int,
+                device: torch.device) -> tuple[dict, torch.Tensor]:
+    """One point of the convergence curve (held-out explained variance, L0 and dead share) and the
+    per-latent held-out firing rate."""
+    ev = evaluate(model, data, cfg.eval_tokens, device=device)
+    model.train()
+    return {"step": step, "tokens": step * cfg.batch_size, "ev_a": ev["explained_variance"]["A"],
+            "ev_b": ev["explained_variance"]["B"], "l0": ev["l0"], "dead_fraction": ev["dead_fraction"]}, \
+        ev["fire_rate"]
+
+
+def _heldout_point(model, opt, data: PairedActivations, cfg: TrainConfig, step: int, idx: np.ndarray,
+                   curve: list[dict], control: convergence.Control, total: int, device: torch.device) -> None:
+    """Evaluate on held-out tokens, resample dead latents (before the decay), check the stopping rule."""
+    row, fire_rate = heldout_row(model, data, cfg, step, device)
+    dead = fire_rate == 0
+    if cfg.resample and control.decay_start is None and resample.supports(model) and dead.any():
+        x_a, x_b = (t.to(device) for t in data.train_batch(idx))  # the global batch: every rank the same
+        row["resampled"] = resample.resample(model, opt, dead, x_a, x_b, seed=cfg.seed * 1_000_003 + step)
+    curve.append(row)
+    convergence.after_eval(control, curve, step, total, cfg)
+
+
+def convergence_record(curve: list[dict], control: convergence.Control, step: int, total: int,
+                       cfg: TrainConfig) -> dict:
+    """What convergence.json holds: the verdict, the tokens used, the rule and the held-out curve."""
+    return {"converged": control.converged, "tokens": step * cfg.batch_size,
+            "token_ceiling": total * cfg.batch_size, "decay_start_tokens":
+            None if control.decay_start is None else control.decay_start * cfg.batch_size,
+            "final_l1_coeff": control.l1, "rule": control.rule,
+            "stopping_rule": {"converge_gain": cfg.converge_gain, "converge_window": cfg.converge_window,
+                              "min_frac": cfg.min_frac, "target_l0": cfg.target_l0},
+            "curve": curve}
 
 
 def _scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
@@ -242,7 +274,8 @@ def _log_row(window: dict, step: int, cfg: TrainConfig, lam: float, opt, fired_s
 
 
 def save_checkpoint(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, step: int, log: list[dict],
-                    directory: Path) -> None:
+                    directory: Path, curve: list[dict] | None = None,
+                    control: convergence.Control | None = None) -> None:
     """Weights, optimizer state and log at `step`, switched in only once complete.
 
     The new checkpoint is written to <directory>.next (state file last), then swapped in by two
@@ -258,7 +291,8 @@ def save_checkpoint(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, step: 
     for extra in directory.glob("*.json") if directory.exists() else ():  # e.g. the training key
         if extra.name not in (STATE_FILE, cc_mod.CONFIG_FILE):
             shutil.copy2(extra, staging / extra.name)
-    io.write_json(staging / STATE_FILE, {"step": step, "optimizer": meta, "log": log,
+    io.write_json(staging / STATE_FILE, {"step": step, "optimizer": meta, "log": log, "curve": curve or [],
+                                          "control": control.to_dict() if control else None,
                                           "weights_sha256": io.file_sha256(staging / cc_mod.WEIGHTS_FILE),
                                           "optimizer_sha256": io.file_sha256(staging / OPTIMIZER_FILE)})
     shutil.rmtree(previous, ignore_errors=True)
@@ -278,16 +312,19 @@ def remove_checkpoints(directory: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _resume(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, directory: Path) -> tuple[int, list]:
+def _resume(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, directory: Path,
+            l1_coeff: float) -> tuple[int, list, list, convergence.Control]:
     """Load the checkpoint if there is a consistent one; a corrupt one is reported and ignored."""
     if not (directory / STATE_FILE).exists() and (_sibling(directory, "prev") / STATE_FILE).exists():
         directory = _sibling(directory, "prev")  # killed between the two renames of save_checkpoint
+    fresh = 0, [], [], convergence.Control(l1=float(l1_coeff))
     if not (directory / STATE_FILE).exists():
-        return 0, []
+        return fresh
     initial = {name: t.clone() for name, t in model.state_tensors().items()}
     try:
         state = io.read_json(directory / STATE_FILE)
-        step, log = int(state["step"]), list(state["log"])
+        step, log, curve = int(state["step"]), list(state["log"]), list(state["curve"])
+        control = convergence.Control.from_dict(state["control"])
         for name, key in ((cc_mod.WEIGHTS_FILE, "weights_sha256"), (OPTIMIZER_FILE, "optimizer_sha256")):
             if io.file_sha256(directory / name) != state[key]:
                 raise io.ArtifactError(f"{directory / name}: hash does not match the checkpoint state")
@@ -296,9 +333,9 @@ def _resume(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, directory: Pat
     except (io.ArtifactError, KeyError, FileNotFoundError, ValueError, TypeError) as exc:
         cc_mod.load_state(model, initial, "initial weights")  # undo a half-done load
         print(f"warning: ignoring unusable checkpoint ({exc}); training from the start")
-        return 0, []
+        return fresh
     print(f"resuming from step {step} ({directory})")
-    return step, log
+    return step, log, curve, control
 
 
 @torch.no_grad()

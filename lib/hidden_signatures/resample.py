@@ -1,0 +1,69 @@
+"""Dead-latent resampling for the L1 crosscoders (after Anthropic's "Towards Monosemanticity").
+
+A latent that fires on none of the held-out tokens of an evaluation is dead: its gradient is zero
+and it never comes back by itself. Each dead latent is re-aimed at one training row the crosscoder
+reconstructs badly (drawn with probability proportional to its squared error, from a generator
+seeded by the step): its decoder rows become that row's residual, scaled to the mean live
+decoder norm, its encoder columns the same direction at ENC_SCALE of the mean live encoder norm,
+its bias 0, and its Adam moments 0. The draw depends only on the weights, the step and the batch,
+so a resumed run resamples exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import crosscoder as cc_mod
+
+ENC_SCALE = 0.2
+"""New encoder columns start at this share of the mean live encoder column norm (small, so a
+resampled latent joins gently)."""
+
+
+RESAMPLED = ("relu_l1", "dfc")
+"""Architectures trained with an L1 penalty, whose dead latents stay dead (BatchTopK has its auxiliary loss)."""
+
+
+def supports(model: cc_mod.Crosscoder) -> bool:
+    return model.architecture in RESAMPLED
+
+
+@torch.no_grad()
+def resample(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead_H: torch.Tensor,
+             x_NA: torch.Tensor, x_NB: torch.Tensor, seed: int) -> int:
+    """Re-aim the latents in bool mask `dead_H` at badly reconstructed rows of (x_NA, x_NB); returns how many."""
+    dead = torch.nonzero(dead_H.to(model.b_enc.device)).flatten()
+    live = ~dead_H.to(model.b_enc.device)
+    if len(dead) == 0 or not live.any():
+        return 0
+    _, xa_hat, xb_hat = model(x_NA, x_NB)
+    res_a, res_b = (x_NA - xa_hat).float(), (x_NB - xb_hat).float()
+    err_N = res_a.pow(2).sum(1) + res_b.pow(2).sum(1)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.multinomial(err_N.pow(2).double().cpu() + 1e-30, len(dead), replacement=True, generator=gen)
+    rows = rows.to(res_a.device)
+    direction = torch.cat([res_a[rows], res_b[rows]], 1)
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    d_a = x_NA.shape[1]
+    dec_norm = torch.cat([model.W_dec_A, model.W_dec_B], 1)[live].norm(dim=1).mean()
+    enc_norm = torch.cat([model.W_enc_A, model.W_enc_B], 0)[:, live].norm(dim=0).mean()
+    new_dec = (direction * dec_norm).to(model.W_dec_A.dtype)
+    new_enc = (direction * enc_norm * ENC_SCALE).to(model.W_enc_A.dtype)
+    model.W_dec_A[dead] = new_dec[:, :d_a]
+    model.W_dec_B[dead] = new_dec[:, d_a:]
+    model.W_enc_A[:, dead] = new_enc[:, :d_a].T
+    model.W_enc_B[:, dead] = new_enc[:, d_a:].T
+    model.b_enc[dead] = 0
+    model.post_step()  # a variant re-imposes its constraints (the dedicated-feature masks)
+    _reset_moments(model, opt, dead)
+    return len(dead)
+
+
+def _reset_moments(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead: torch.Tensor) -> None:
+    """Zero Adam's moments of the resampled rows and columns (stale moments would push them back)."""
+    where = {"W_dec_A": 0, "W_dec_B": 0, "b_enc": 0, "W_enc_A": 1, "W_enc_B": 1}
+    for name, dim in where.items():
+        state = opt.state.get(getattr(model, name), {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].index_fill_(dim, dead, 0.0)

@@ -1,0 +1,200 @@
+"""The stopping rule, the L1 controller and dead-latent resampling, on planted synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hidden_signatures import convergence, crosscoder, io, resample, synthetic
+from hidden_signatures import train as tr
+from hidden_signatures.params import ParamsError, TrainConfig
+
+H, BATCH = 128, 128
+
+
+class MemoryPair:
+    """Paired rows held in memory with the slice of PairedActivations that train() reads."""
+
+    def __init__(self, x_a: torch.Tensor, x_b: torch.Tensor, eval_share: float = 0.2):
+        s_a, s_b = synthetic.norm_factors(x_a, x_b)
+        self.x_a, self.x_b = x_a * s_a, x_b * s_b
+        n_eval = int(len(x_a) * eval_share)
+        self.eval_rows = np.arange(len(x_a) - n_eval, len(x_a))
+        self.train_rows = np.arange(len(x_a) - n_eval)
+        self.d_a, self.d_b = x_a.shape[1], x_b.shape[1]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_rows)
+
+    def get(self, idx):
+        return self.x_a[idx], self.x_b[idx]
+
+    def train_batch(self, positions):
+        return self.get(np.sort(self.train_rows[positions]))
+
+    def eval_indices(self, max_tokens=None):
+        return self.eval_rows if max_tokens is None else self.eval_rows[:max_tokens]
+
+
+@pytest.fixture(scope="module")
+def pair() -> MemoryPair:
+    cfg = synthetic.SyntheticConfig(d_a=24, d_b=32, n_features=96, mean_active=6.0, seed=3)
+    data = synthetic.make_pair(cfg, 12_000, keep_acts=False)
+    return MemoryPair(data.x_a, data.x_b)
+
+
+def cfg_of(**overrides) -> TrainConfig:
+    base = dict(tokens=BATCH * 300, batch_size=BATCH, lr=3e-3, l1_warmup_frac=0.05, lr_decay_frac=0.2,
+                checkpoint_every=40, log_every=20, eval_every=20, eval_tokens=2000, l1_rate=0.05, seed=1)
+    return TrainConfig(**dict(base, **overrides))
+
+
+def fresh(pair: MemoryPair, seed: int = 0) -> crosscoder.Crosscoder:
+    return crosscoder.build(crosscoder.CrosscoderConfig(d_a=pair.d_a, d_b=pair.d_b, dict_size=H), seed)
+
+
+def record(out) -> dict:
+    return io.read_json(out / tr.CURVE_FILE)
+
+
+# -- the rule on hand-made curves ---------------------------------------------------------------
+def curve_of(evs, l0=50.0, step_tokens=1000):
+    return [{"tokens": (i + 1) * step_tokens, "ev_a": ev, "ev_b": ev, "l0": l0} for i, ev in enumerate(evs)]
+
+
+def test_rule_fires_on_a_flat_curve_and_not_on_a_rising_one() -> None:
+    cfg = cfg_of(converge_gain=0.005, converge_window=0.2, min_frac=0.25)
+    flat = curve_of([0.5, 0.7, 0.8, 0.81, 0.812, 0.813, 0.814, 0.815, 0.816, 0.817])
+    fired = convergence.rule_met(flat, 20_000, cfg)
+    assert fired is not None and fired["ev_gain"] < 0.005 and fired["since_tokens"] == 8000
+    rising = curve_of([0.5, 0.6, 0.65, 0.7, 0.72, 0.74, 0.76, 0.78, 0.80, 0.82])
+    assert convergence.rule_met(rising, 20_000, cfg) is None
+
+
+def test_rule_waits_for_min_frac_and_for_the_target_l0() -> None:
+    flat = curve_of([0.8] * 10)
+    assert convergence.rule_met(flat, 20_000, cfg_of(min_frac=0.25)) is not None
+    assert convergence.rule_met(flat, 100_000, cfg_of(min_frac=0.25)) is None  # 10k of 100k seen
+    assert convergence.rule_met(flat, 20_000, cfg_of(target_l0=45)) is not None  # 50 is within 1.25x
+    assert convergence.rule_met(flat, 20_000, cfg_of(target_l0=20)) is None
+    assert convergence.rule_met(curve_of([0.8]), 1000, cfg_of(min_frac=0.0)) is None  # no earlier point
+
+
+def test_controller_raises_l1_above_target_and_lowers_it_below() -> None:
+    assert convergence.next_l1(1.0, 200.0, 50.0, 0.01) > 1.0
+    assert convergence.next_l1(1.0, 10.0, 50.0, 0.01) < 1.0
+    assert convergence.next_l1(1.0, 50.0, 50.0, 0.01) == 1.0
+    assert convergence.next_l1(1.0, 1e6, 50.0, 0.01) == pytest.approx(np.exp(0.01))  # clipped
+    assert convergence.next_l1(1.0, 0.0, 50.0, 0.01) == pytest.approx(np.exp(-0.01))
+
+
+def test_bad_settings_name_the_field() -> None:
+    for field, value in (("target_l0", 0), ("converge_window", 0.0), ("eval_every", -1), ("resample", "yes")):
+        with pytest.raises(ParamsError, match=f"train.{field}"):
+            cfg_of(**{field: value})
+
+
+# -- training ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", [4, 16])
+def test_l1_controller_brings_held_out_l0_to_the_target(pair, tmp_path, target) -> None:
+    tr.train(fresh(pair), pair, cfg_of(target_l0=target, converge_gain=0.0), l1_coeff=0.3, out_dir=tmp_path)
+    rec = record(tmp_path)
+    assert abs(np.log(rec["curve"][-1]["l0"] / target)) < np.log(1.3), rec["curve"][-1]
+
+
+def test_without_a_target_l0_stays_where_the_fixed_l1_puts_it(pair, tmp_path) -> None:
+    """The controller is what moves L0: the same run with a fixed weight ends far from target 4."""
+    tr.train(fresh(pair), pair, cfg_of(converge_gain=0.0), l1_coeff=0.3, out_dir=tmp_path)
+    rec = record(tmp_path)
+    assert rec["final_l1_coeff"] == 0.3 and rec["curve"][-1]["l0"] > 4 * 1.3
+
+
+def test_stopping_rule_ends_an_easy_run_early_and_a_capped_one_unconverged(pair, tmp_path) -> None:
+    tr.train(fresh(pair), pair, cfg_of(tokens=BATCH * 2000, target_l0=8, converge_gain=0.03), l1_coeff=0.3, out_dir=tmp_path / "easy")
+    easy = record(tmp_path / "easy")
+    assert easy["converged"] is True and easy["tokens"] < easy["token_ceiling"]
+    assert easy["rule"]["ev_gain"] < 0.03 and easy["decay_start_tokens"] == easy["rule"]["tokens"]
+    tr.train(fresh(pair), pair, cfg_of(tokens=BATCH * 60, target_l0=8), l1_coeff=0.3, out_dir=tmp_path / "cap")
+    capped = record(tmp_path / "cap")
+    assert capped["converged"] is False and capped["tokens"] == capped["token_ceiling"] == BATCH * 60
+    assert capped["rule"]["reason"] == "token ceiling"
+
+
+def test_resampling_revives_dead_latents(pair, tmp_path) -> None:
+    def half_dead():
+        model = fresh(pair)
+        with torch.no_grad():
+            model.b_enc[: H // 2] = -100.0  # never fire: zero gradient, dead for good without resampling
+        return model
+
+    cfg = cfg_of(tokens=BATCH * 200, converge_gain=0.0)
+    tr.train(half_dead(), pair, cfg, l1_coeff=0.3, out_dir=tmp_path / "kept")
+    tr.train(half_dead(), pair, cfg_of(tokens=BATCH * 200, converge_gain=0.0, resample=False), l1_coeff=0.3,
+             out_dir=tmp_path / "off")
+    kept, off = record(tmp_path / "kept"), record(tmp_path / "off")
+    assert off["curve"][-1]["dead_fraction"] >= 0.5
+    assert kept["curve"][-1]["dead_fraction"] <= 0.1 and kept["curve"][0]["resampled"] >= H // 2
+
+
+def test_resample_zeroes_the_moments_of_resampled_latents(pair) -> None:
+    model = fresh(pair)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x_a, x_b = pair.get(np.arange(256))
+    model.loss(x_a, x_b, 0.1).total.backward()
+    opt.step()
+    dead = torch.zeros(H, dtype=torch.bool)
+    dead[:3] = True
+    before = model.W_dec_A[5].clone()
+    assert resample.resample(model, opt, dead, x_a, x_b, seed=0) == 3
+    assert torch.equal(model.W_dec_A[5], before) and torch.all(model.b_enc[:3] == 0)
+    assert torch.all(opt.state[model.W_enc_A]["exp_avg"][:, :3] == 0)
+    assert torch.all(opt.state[model.W_dec_B]["exp_avg_sq"][:3] == 0)
+
+
+def test_resampling_a_dedicated_feature_crosscoder_keeps_its_partition(pair) -> None:
+    cfg = crosscoder.CrosscoderConfig(d_a=pair.d_a, d_b=pair.d_b, dict_size=H, architecture="dfc",
+                                      dfc_sizes={"a_only": 16, "b_only": 16})
+    model = crosscoder.build(cfg, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x_a, x_b = pair.get(np.arange(256))
+    dead = torch.zeros(H, dtype=torch.bool)
+    dead[[0, 20, 40]] = True  # an A-only, a B-only and a shared slot
+    before = model.W_dec_A[40].clone()
+    assert resample.supports(model) and resample.resample(model, opt, dead, x_a, x_b, seed=0) == 3
+    assert torch.all(model.W_dec_B[0] == 0) and torch.all(model.W_enc_B[:, 0] == 0)  # A-only stays A-only
+    assert torch.all(model.W_dec_A[20] == 0) and torch.all(model.W_dec_B[20] != 0)
+    assert not torch.equal(model.W_dec_A[40], before)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_controlled_early_stopped_run_resumes_bit_for_bit(pair, tmp_path, capsys) -> None:
+    """Control state, curve and resampling survive a kill: the resumed run ends where the whole one does."""
+    cfg = cfg_of(tokens=BATCH * 800, target_l0=8, converge_gain=0.05)
+    tr.train(fresh(pair), pair, cfg, l1_coeff=0.3, out_dir=tmp_path / "ref")
+    ref = record(tmp_path / "ref")
+    assert ref["converged"] and any(row.get("resampled") for row in ref["curve"])
+
+    calls = {"n": 0}
+    real = pair.train_batch
+
+    def dying(positions):
+        calls["n"] += 1
+        if calls["n"] == 130:
+            raise Interrupt("killed")
+        return real(positions)
+
+    pair.train_batch = dying
+    try:
+        with pytest.raises(Interrupt):
+            tr.train(fresh(pair), pair, cfg, l1_coeff=0.3, out_dir=tmp_path / "resumed")
+    finally:
+        del pair.train_batch
+    tr.train(fresh(pair), pair, cfg, l1_coeff=0.3, out_dir=tmp_path / "resumed")
+    assert "resuming from step" in capsys.readouterr().out
+    for name in (crosscoder.WEIGHTS_FILE, tr.CURVE_FILE):
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
