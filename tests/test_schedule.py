@@ -108,9 +108,16 @@ def test_all_tasks_let_the_next_pairs_set_up_overlap_this_pairs_training() -> No
     tasks = default_graph()
     schedule.check_order(tasks)
     by_name = {t.name: t for t in tasks}
-    # set-ups lead the priority list; a pair's trainings wait for its own set-up only
-    assert [t.notebook.stem for t in tasks[:3]] == ["00_models", "01_data", "02_activations"]
+    # 00_models lead the priority list, the dearest made model (the Jacobian student) first once the
+    # shared base model is converted; each waits only for the pairs that first name its models
+    assert [t.name for t in tasks[:4]] == ["smollm2-same 00_models", "distill-jacobian 00_models",
+                                           "distill-kl 00_models", "smollm2-finetuned 00_models"]
     assert by_name["smollm2-gemma3 00_models"].after == ("smollm2-same 00_models",)
+    assert by_name["distill-jacobian 00_models"].after == ("smollm2-same 00_models",)
+    assert set(by_name["distill-kl-vs-jacobian 00_models"].after) == {"distill-kl 00_models",
+                                                                       "distill-jacobian 00_models"}
+    n_pairs = len(runner.default_pairs(ROOT / "params"))
+    assert {t.notebook.stem for t in tasks[:n_pairs]} == {"00_models"}
     assert by_name["smollm2-gemma3 02_activations"].after == ("smollm2-gemma3 01_data",)
     assert by_name["smollm2-same 03_train last"].after == ("smollm2-same 02_activations",)
     first_train = next(i for i, t in enumerate(tasks) if t.notebook.stem == "03_train")

@@ -96,34 +96,72 @@ def all_tasks(runs: list[tuple[Path, params_mod.RunConfig, dict]], notebooks_dir
               summary: bool = True) -> list[schedule.Task]:
     """Every notebook of the run as one task graph, in priority order (see schedule.run_tasks).
 
-    Pair set-ups come first: they unblock the most work, and the next pair's set-up runs beside
-    the previous pair's crosscoders instead of after them. Then every crosscoder's training,
-    then the analyses, then the notebooks over all pairs.
+    00_models first, the ones that build the dearest made models ahead (longest job first: the
+    Jacobian student sets the run's critical path); each waits only for the 00_models of the
+    pairs that first name its models (a model is converted or built once). Then the pair set-ups:
+    they unblock the most work, and the next pair's set-up runs beside the previous pair's
+    crosscoders instead of after them. Then every crosscoder's training, then the analyses,
+    then the notebooks over all pairs.
     """
-    setup, trains, later, by_pair, previous = [], [], [], {}, ()
+    models, setup, trains, later, by_pair, first_named, cost = [], [], [], [], {}, {}, {}
     for path, run, layers in runs:
         base = {"params_file": str(path.resolve()), "quick": quick}
-        pair = pair_tasks(run, notebooks_dir, base, previous)
-        previous = pair[:1]
+        after = _model_owners(run, first_named)
+        pair = pair_tasks(run, notebooks_dir, base, after)
+        owned = [spec for spec in dict.fromkeys((run.model_a, run.model_b)) if spec not in first_named]
+        cost[pair[0].name] = build_cost(owned)
+        for spec in owned:
+            first_named[spec] = pair[0].name
         points = point_tasks(run, layers, notebooks_dir, base, after=pair[-1:])
-        setup += pair
+        models.append(pair[0])
+        setup += pair[1:]
         trains += [t for t in points if t.notebook.stem == "03_train"]
         later += [t for t in points if t.notebook.stem != "03_train"]
         by_pair[run.name] = pair + points
-    tasks = setup + trains + later
+    tasks = _dearest_first(models, cost) + setup + trains + later
     if summary:
         tasks += summary_tasks({run.name: path for path, run, _ in runs}, by_pair, notebooks_dir, quick)
     return _present(tasks)
 
 
+BUILD_COST = {"distill-jacobian": 3, "distill-kl": 2, "finetune": 1}
+"""Relative cost of building each kind of made model (the Jacobian student's steps are dearest)."""
+
+
+def build_cost(specs: list[str]) -> int:
+    """What building these models costs, relatively: the sum over the made ones (0: none)."""
+    from . import derived
+
+    return sum(BUILD_COST.get(derived.parse(spec)[0], 1) for spec in specs if derived.is_derived(spec))
+
+
+def _dearest_first(tasks: list[schedule.Task], cost: dict[str, int]) -> list[schedule.Task]:
+    """`tasks` in dependency order, the dearest ready one next each time (ties: the given order)."""
+    placed, out, pending = set(), [], list(tasks)
+    names = {t.name for t in tasks}
+    while pending:
+        ready = [t for t in pending if all(d in placed or d not in names for d in t.after)]
+        pick = max(ready, key=lambda t: cost[t.name])  # max keeps the first of equals
+        out.append(pick)
+        placed.add(pick.name)
+        pending.remove(pick)
+    return out
+
+
+def _model_owners(run: params_mod.RunConfig, first_named: dict[str, str]) -> tuple[str, ...]:
+    """The 00_models tasks of earlier pairs that first named one of this pair's models."""
+    return tuple(dict.fromkeys(first_named[s] for s in (run.model_a, run.model_b) if s in first_named))
+
+
 def pair_tasks(run: params_mod.RunConfig, notebooks_dir: Path, base: dict,
-               previous: list[schedule.Task]) -> list[schedule.Task]:
-    """00_models, 01_data, 02_activations of one pair, in order; 00_models after the previous
-    pair's (two pairs may build the same model). Two harvests of one store: see activations.harvest."""
+               models_after: tuple[str, ...] = ()) -> list[schedule.Task]:
+    """00_models, 01_data, 02_activations of one pair, in order; 00_models after the tasks named
+    in `models_after` (those that convert or build a model this pair shares). Two harvests of one
+    store: see activations.harvest."""
     out_dir = pipeline.results_root() / run.name
     tasks: list[schedule.Task] = []
     for name in PAIR_NOTEBOOKS:
-        after = tuple(t.name for t in (tasks[-1:] or previous))
+        after = tuple(t.name for t in tasks[-1:]) if tasks else models_after
         tasks.append(schedule.Task(f"{run.name} {name}", notebooks_dir / f"{name}.py",
                                    out_dir / f"{name}.ipynb", dict(base), after))
     return tasks
