@@ -1,8 +1,8 @@
 """When crosscoder training stops, and how its L1 weight is steered to a target L0.
 
 The run keeps a held-out curve (explained variance, L0 and dead share against tokens seen).
-The stopping rule: held-out explained variance (mean of both models) gained less than
-`converge_gain` over the last `converge_window` share of the tokens seen, once at least
+The stopping rule: held-out explained variance (mean of both models) changed by less than
+`converge_gain` (up or down) over the last `converge_window` share of the tokens seen, once at least
 `min_frac` of the token ceiling is behind and, with a target L0, the held-out L0 is within
 L0_BAND of it. When the rule fires the learning rate decays linearly to 0 over a further
 lr_decay_frac / (1 - lr_decay_frac) of the tokens seen, and training ends; a run that reaches
@@ -107,7 +107,7 @@ def rule_met(curve: list[dict], total_tokens: int, cfg: TrainConfig) -> dict | N
     if not earlier:
         return None
     gain = curve_ev(last) - curve_ev(earlier[-1])
-    if gain >= cfg.converge_gain:
+    if abs(gain) >= cfg.converge_gain:  # still rising, or falling: not settled either way
         return None
     return {"tokens": seen, "ev": curve_ev(last), "ev_gain": gain, "since_tokens": earlier[-1]["tokens"],
             "l0": last["l0"]}

@@ -325,9 +325,14 @@ def resolved_train(run: RunConfig, pt: Point) -> TrainConfig:
     return dataclasses.replace(pt.train, dtype=precision.resolve(pt.train.dtype, models.pick_device(run.device)))
 
 
+TRAINER_VERSION = 2
+"""Raised when the trainer's behaviour changes (2: stopping rule, L1 control, resampling), so a
+crosscoder trained by an earlier version is never reused."""
+
+
 def training_key(run: RunConfig, pt: Point, data: activations.PairedActivations) -> str:
     """Hash of everything that determines the trained crosscoder (the precision as resolved)."""
-    return io.config_hash({"stores": [data.store_a.directory.name, data.store_b.directory.name],
+    return io.config_hash({"trainer": TRAINER_VERSION, "stores": [data.store_a.directory.name, data.store_b.directory.name],
                            "layers": [data.layer_a, data.layer_b], "eval_fraction": run.harvest.eval_fraction,
                            "eval_split": activations.EVAL_SPLIT,
                            "max_norm_ratio": run.harvest.max_norm_ratio, "crosscoder": asdict(pt.crosscoder),

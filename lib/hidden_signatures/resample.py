@@ -5,7 +5,9 @@ and it never comes back by itself. Each dead latent is re-aimed at one training 
 reconstructs badly (drawn with probability proportional to its squared error, from a generator
 seeded by the step): its decoder rows become that row's residual, scaled to the mean live
 decoder norm, its encoder columns the same direction at ENC_SCALE of the mean live encoder norm,
-its bias 0, and its Adam moments 0. The draw depends only on the weights, the step and the batch,
+its bias set so that it fires on as few rows of the batch as an average live latent does (a
+zero bias would fire it on every row with a positive projection: the residual stream is far
+from centred, and a mass resampling then blows the reconstruction up), and its Adam moments 0. The draw depends only on the weights, the step and the batch,
 so a resumed run resamples exactly as an uninterrupted one.
 """
 
@@ -36,7 +38,8 @@ def resample(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead_H: torch
     live = ~dead_H.to(model.b_enc.device)
     if len(dead) == 0 or not live.any():
         return 0
-    _, xa_hat, xb_hat = model(x_NA, x_NB)
+    f_NH, xa_hat, xb_hat = model(x_NA, x_NB)
+    share = float((f_NH > 0).float().mean().clamp(1.0 / x_NA.shape[0], 0.5))  # an average latent's firing rate
     res_a, res_b = (x_NA - xa_hat).float(), (x_NB - xb_hat).float()
     err_N = res_a.pow(2).sum(1) + res_b.pow(2).sum(1)
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +56,8 @@ def resample(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead_H: torch
     model.W_dec_B[dead] = new_dec[:, d_a:]
     model.W_enc_A[:, dead] = new_enc[:, :d_a].T
     model.W_enc_B[:, dead] = new_enc[:, d_a:].T
-    model.b_enc[dead] = 0
+    pre_ND = (x_NA.float() @ new_enc[:, :d_a].T.float() + x_NB.float() @ new_enc[:, d_a:].T.float())
+    model.b_enc[dead] = -torch.quantile(pre_ND, 1 - share, dim=0).to(model.b_enc.dtype)
     model.post_step()  # a variant re-imposes its constraints (the dedicated-feature masks)
     _reset_moments(model, opt, dead)
     return len(dead)
