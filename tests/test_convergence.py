@@ -134,8 +134,11 @@ def test_resampling_revives_dead_latents(pair, tmp_path) -> None:
             model.b_enc[: H // 2] = -100.0  # never fire: zero gradient, dead for good without resampling
         return model
 
-    cfg = cfg_of(tokens=BATCH * 200, converge_gain=0.0)
+    cfg = cfg_of(tokens=BATCH * 200, converge_gain=0.0, resample_max=1.0)
     tr.train(half_dead(), pair, cfg, l1_coeff=0.3, out_dir=tmp_path / "kept")
+    tr.train(half_dead(), pair, cfg_of(tokens=BATCH * 200, converge_gain=0.0, resample_max=0.05), l1_coeff=0.3,
+             out_dir=tmp_path / "capped")
+    assert record(tmp_path / "capped")["curve"][0]["resampled"] == int(0.05 * H)
     tr.train(half_dead(), pair, cfg_of(tokens=BATCH * 200, converge_gain=0.0, resample=False), l1_coeff=0.3,
              out_dir=tmp_path / "off")
     kept, off = record(tmp_path / "kept"), record(tmp_path / "off")

@@ -148,6 +148,9 @@ class TrainConfig:
     """Share of the token ceiling trained before the stopping rule is checked."""
     resample: bool = True
     """Resample dead latents (ReLU+L1 crosscoder) at every held-out evaluation before the final decay."""
+    resample_max: float = 0.01
+    """At most this share of the dictionary is resampled at one evaluation: re-aiming thousands of
+    latents at once swung the last layers' held-out explained variance to -400."""
     seed: int = 0
 
     def eval_interval(self) -> int:
@@ -179,6 +182,7 @@ class TrainConfig:
         _in_range("train.converge_gain", self.converge_gain, 0.0, 1.0)
         _in_range("train.converge_window", self.converge_window, 0.0, 1.0, low_open=True)
         _in_range("train.min_frac", self.min_frac, 0.0, 1.0)
+        _in_range("train.resample_max", self.resample_max, 0.0, 1.0, low_open=True)
         if not isinstance(self.resample, bool):
             raise ParamsError(f"train.resample: {self.resample!r} must be true or false")
         if not isinstance(self.seed, int) or self.seed < 0:

@@ -4,7 +4,7 @@ A latent that fires on none of the held-out tokens of an evaluation is dead: its
 and it never comes back by itself. Each dead latent is re-aimed at one training row the crosscoder
 reconstructs badly (drawn with probability proportional to its squared error, from a generator
 seeded by the step): its decoder rows become that row's residual, scaled to the mean live
-decoder norm, its encoder columns the same direction at ENC_SCALE of the mean live encoder norm,
+decoder norm times DEC_SCALE, its encoder columns the same direction at ENC_SCALE of the mean live encoder norm,
 its bias set so that it fires on as few rows of the batch as an average live latent does (a
 zero bias would fire it on every row with a positive projection: the residual stream is far
 from centred, and a mass resampling then blows the reconstruction up), and its Adam moments 0. The draw depends only on the weights, the step and the batch,
@@ -20,6 +20,9 @@ from . import crosscoder as cc_mod
 ENC_SCALE = 0.2
 """New encoder columns start at this share of the mean live encoder column norm (small, so a
 resampled latent joins gently)."""
+DEC_SCALE = 0.2
+"""New decoder rows start at this share of the mean live decoder norm."""
+
 
 
 RESAMPLED = ("relu_l1", "dfc")
@@ -32,10 +35,11 @@ def supports(model: cc_mod.Crosscoder) -> bool:
 
 @torch.no_grad()
 def resample(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead_H: torch.Tensor,
-             x_NA: torch.Tensor, x_NB: torch.Tensor, seed: int) -> int:
-    """Re-aim the latents in bool mask `dead_H` at badly reconstructed rows of (x_NA, x_NB); returns how many."""
-    dead = torch.nonzero(dead_H.to(model.b_enc.device)).flatten()
+             x_NA: torch.Tensor, x_NB: torch.Tensor, seed: int, max_share: float = 1.0) -> int:
+    """Re-aim the latents in bool mask `dead_H` at badly reconstructed rows of (x_NA, x_NB), at most
+    max_share of the dictionary (the first dead ones by index); returns how many."""
     live = ~dead_H.to(model.b_enc.device)
+    dead = torch.nonzero(dead_H.to(model.b_enc.device)).flatten()[:max(1, int(max_share * len(dead_H)))]
     if len(dead) == 0 or not live.any():
         return 0
     f_NH, xa_hat, xb_hat = model(x_NA, x_NB)
@@ -50,7 +54,7 @@ def resample(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead_H: torch
     d_a = x_NA.shape[1]
     dec_norm = torch.cat([model.W_dec_A, model.W_dec_B], 1)[live].norm(dim=1).mean()
     enc_norm = torch.cat([model.W_enc_A, model.W_enc_B], 0)[:, live].norm(dim=0).mean()
-    new_dec = (direction * dec_norm).to(model.W_dec_A.dtype)
+    new_dec = (direction * dec_norm * DEC_SCALE).to(model.W_dec_A.dtype)
     new_enc = (direction * enc_norm * ENC_SCALE).to(model.W_enc_A.dtype)
     model.W_dec_A[dead] = new_dec[:, :d_a]
     model.W_dec_B[dead] = new_dec[:, d_a:]

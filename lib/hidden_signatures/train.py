@@ -210,7 +210,8 @@ def _heldout_point(model, opt, data: PairedActivations, cfg: TrainConfig, step: 
     dead = fire_rate == 0
     if cfg.resample and control.decay_start is None and resample.supports(model) and dead.any():
         x_a, x_b = (t.to(device) for t in data.train_batch(idx))  # the global batch: every rank the same
-        row["resampled"] = resample.resample(model, opt, dead, x_a, x_b, seed=cfg.seed * 1_000_003 + step)
+        row["resampled"] = resample.resample(model, opt, dead, x_a, x_b, seed=cfg.seed * 1_000_003 + step,
+                                                max_share=cfg.resample_max)
     curve.append(row)
     convergence.after_eval(control, curve, step, total, cfg)
 
