@@ -109,7 +109,7 @@ def convergence_figure(run: RunConfig, label: str, conv: dict | None = None):
 def convergence_line(conv: dict) -> str:
     """One line: converged or not, on how many tokens of the ceiling, and why it stopped."""
     rule = conv.get("rule") or {}
-    why = (f"EV gained {rule['ev_gain']:.4f} over the last {conv['stopping_rule']['converge_window']:.0%}"
+    why = (f"EV changed by {rule['ev_gain']:+.4f} over the last {conv['stopping_rule']['converge_window']:.0%}"
            if conv["converged"] else "stopped by the token ceiling")
     verdict = "converged" if conv["converged"] else "not converged"
     return f"{verdict} at {conv['tokens'] / 1e6:.2f}M of {conv['token_ceiling'] / 1e6:.2f}M tokens ({why})"

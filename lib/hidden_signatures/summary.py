@@ -161,7 +161,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     if not frame.empty and not frame["converged"].all():
         lines.append("")
         lines.append(f"{NOT_CONVERGED} did not converge: the token ceiling, not the stopping rule, ended its training "
-                     "(held-out explained variance still rising; see its curve in 04_analysis).")
+                     "(held-out explained variance still changing; see its curve in 04_analysis).")
     return "\n".join(lines)
 
 
