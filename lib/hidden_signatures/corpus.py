@@ -103,10 +103,14 @@ def _stdlib_modules() -> list[tuple[str, ast.Module]]:
     return out
 
 
+DOC_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+"""The nodes that can carry a docstring."""
+
+
 def _docstring_nodes(tree: ast.Module):
     """The docstring expression of every module, class and function in `tree`."""
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+        if isinstance(node, DOC_OWNERS) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
                     and isinstance(first.value.value, str):
@@ -118,7 +122,7 @@ def stdlib_docstrings(min_chars: int = MIN_DOCSTRING_CHARS) -> list[str]:
     out: list[str] = []
     for _, tree in _stdlib_modules():
         for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if isinstance(node, DOC_OWNERS):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > min_chars:
                     out.append(doc.strip())

@@ -49,9 +49,9 @@ def budgets(run_kl: RunConfig, run_jac: RunConfig) -> list[dict]:
     for run in (run_kl, run_jac):
         spec = student_specs(run)[1]
         facts = training_facts(run, spec)
-        cfg = derived.train_config(run, derived.parse(spec)[0])
-        ids = derived.train_tokens(run, derived.parse(spec)[1], derived.parse(spec)[0])
-        rows.append({"student": spec, "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * ids.shape[1],
+        kind = derived.parse(spec)[0]
+        cfg, seq_len = derived.train_config(run, kind), derived.train_corpus(run, kind).seq_len
+        rows.append({"student": spec, "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * seq_len,
                      "train minutes": round(facts.get("train_seconds", float("nan")) / 60, 1),
                      "seconds per step": round(facts.get("mean_step_time_s", float("nan")), 2)})
     return rows

@@ -168,7 +168,8 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
             step += 1
             _accumulate(window, numbers, len(idx), fired_since)
             if step % cfg.eval_interval() == 0:
-                _heldout_point(model, opt, data, cfg, step, idx, curve, control, total, device)
+                batch = (x_a, x_b) if world == 1 else None  # one process: this step's rows are the whole batch
+                _heldout_point(model, opt, data, cfg, step, idx, curve, control, total, device, batch)
             convergence.after_step(control, step, total, cfg)
             end = convergence.end_step(control, total, cfg)
             if step % cfg.log_every == 0 or step == end:
@@ -204,12 +205,16 @@ def heldout_row(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainCon
 
 
 def _heldout_point(model, opt, data: PairedActivations, cfg: TrainConfig, step: int, idx: np.ndarray,
-                   curve: list[dict], control: convergence.Control, total: int, device: torch.device) -> None:
-    """Evaluate on held-out tokens, resample dead latents (before the decay), check the stopping rule."""
+                   curve: list[dict], control: convergence.Control, total: int, device: torch.device,
+                   batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Evaluate on held-out tokens, resample dead latents (before the decay), check the stopping rule.
+
+    Resampling draws from the global batch `idx`: `batch` when the caller holds it, else read again
+    (in a process group each rank holds only its share, and every rank must resample alike)."""
     row, fire_rate = heldout_row(model, data, cfg, step, device)
     dead = fire_rate == 0
     if cfg.resample and control.decay_start is None and resample.supports(model) and dead.any():
-        x_a, x_b = (t.to(device) for t in data.train_batch(idx))  # the global batch: every rank the same
+        x_a, x_b = batch or tuple(t.to(device) for t in data.train_batch(idx))
         row["resampled"] = resample.resample(model, opt, dead, x_a, x_b, seed=cfg.seed * 1_000_003 + step,
                                                 max_share=cfg.resample_max)
     curve.append(row)
