@@ -134,13 +134,11 @@ def test_resampling_revives_dead_latents(pair, tmp_path) -> None:
             model.b_enc[: H // 2] = -100.0  # never fire: zero gradient, dead for good without resampling
         return model
 
-    cfg = cfg_of(tokens=BATCH * 200, converge_gain=0.0, resample_max=1.0)
-    tr.train(half_dead(), pair, cfg, l1_coeff=0.3, out_dir=tmp_path / "kept")
-    tr.train(half_dead(), pair, cfg_of(tokens=BATCH * 200, converge_gain=0.0, resample_max=0.05), l1_coeff=0.3,
-             out_dir=tmp_path / "capped")
+    base = dict(tokens=BATCH * 200, converge_gain=0.0, centre_init=False)  # centring would reset b_enc
+    tr.train(half_dead(), pair, cfg_of(**base, resample_max=1.0), l1_coeff=0.3, out_dir=tmp_path / "kept")
+    tr.train(half_dead(), pair, cfg_of(**base, resample_max=0.05), l1_coeff=0.3, out_dir=tmp_path / "capped")
     assert record(tmp_path / "capped")["curve"][0]["resampled"] == int(0.05 * H)
-    tr.train(half_dead(), pair, cfg_of(tokens=BATCH * 200, converge_gain=0.0, resample=False), l1_coeff=0.3,
-             out_dir=tmp_path / "off")
+    tr.train(half_dead(), pair, cfg_of(**base, resample=False), l1_coeff=0.3, out_dir=tmp_path / "off")
     kept, off = record(tmp_path / "kept"), record(tmp_path / "off")
     assert off["curve"][-1]["dead_fraction"] >= 0.5
     assert kept["curve"][-1]["dead_fraction"] <= 0.1 and kept["curve"][0]["resampled"] >= H // 2
@@ -198,7 +196,8 @@ class Interrupt(Exception):
 
 def test_a_controlled_early_stopped_run_resumes_bit_for_bit(pair, tmp_path, capsys) -> None:
     """Control state, curve and resampling survive a kill: the resumed run ends where the whole one does."""
-    cfg = cfg_of(tokens=BATCH * 800, target_l0=8, converge_gain=0.05)
+    # an uncentred start, so that some latents die and resampling has work to survive a kill
+    cfg = cfg_of(tokens=BATCH * 800, target_l0=8, converge_gain=0.05, centre_init=False)
     tr.train(fresh(pair), pair, cfg, l1_coeff=0.3, out_dir=tmp_path / "ref")
     ref = record(tmp_path / "ref")
     assert ref["converged"] and any(row.get("resampled") for row in ref["curve"])

@@ -301,3 +301,36 @@ def test_auto_precision_trains_as_the_dtype_it_resolves_to(data, tmp_path, monke
     assert_same_weights(tmp_path / "auto", tmp_path / "explicit")
     w = crosscoder.WEIGHTS_FILE
     assert (tmp_path / "auto" / w).read_bytes() != (tmp_path / "other" / w).read_bytes()
+
+
+# -- centred start: no latent silent from the first step on an uncentred stream --------------------
+def _dead_share(model: crosscoder.Crosscoder, x_a: torch.Tensor, x_b: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model.encode(x_a, x_b) > 0).any(0).logical_not().float().mean().item()
+
+
+def test_centred_start_wakes_the_latents_a_zero_bias_start_leaves_silent() -> None:
+    gen = torch.Generator().manual_seed(3)
+    offset_a, offset_b = torch.randn(32, generator=gen), torch.randn(24, generator=gen)
+    x_a = torch.randn(2000, 32, generator=gen) + 8 * offset_a  # a mean far larger than the spread
+    x_b = torch.randn(2000, 24, generator=gen) + 8 * offset_b
+    model = crosscoder.build(CrosscoderConfig(d_a=32, d_b=24, dict_size=256), seed=0)
+    assert _dead_share(model, x_a, x_b) > 0.3  # zero biases: the latents pointing away from the mean
+    model.centre(x_a.mean(0), x_b.mean(0))
+    assert _dead_share(model, x_a, x_b) == 0.0
+    pre = model.pre_acts(x_a.mean(0, keepdim=True), x_b.mean(0, keepdim=True))
+    assert pre.abs().max().item() < 1e-4
+    assert torch.equal(model.b_dec_A, x_a.mean(0)) and torch.equal(model.b_dec_B, x_b.mean(0))
+
+
+def test_training_starts_centred_on_the_first_rows_only_when_asked(data, tmp_path) -> None:
+    model = fresh_model(data)
+    tr.centre_start(model, data, make_cfg(), torch.device("cpu"))
+    idx = tr.batch_indices(0, min(tr.CENTRE_ROWS, data.n_train), data.n_train, make_cfg().seed)
+    x_a, _ = data.train_batch(idx)
+    assert torch.allclose(model.b_dec_A, x_a.double().mean(0).float())
+    cfg = make_cfg(tokens=BATCH, checkpoint_every=100, lr=1e-12)  # one step that barely moves anything
+    kept, centred = fresh_model(data), fresh_model(data)
+    tr.train(kept, data, dataclasses.replace(cfg, centre_init=False), 0.5, tmp_path / "off")
+    tr.train(centred, data, cfg, 0.5, tmp_path / "on")
+    assert kept.b_dec_A.abs().max().item() < 1e-6 < centred.b_dec_A.abs().max().item()

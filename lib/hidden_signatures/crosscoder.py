@@ -136,6 +136,15 @@ class Crosscoder(nn.Module):
         total = mse_a + mse_b + l1_coeff * sparsity
         return LossParts(total=total, mse_a=mse_a, mse_b=mse_b, sparsity=sparsity, l0=l0, fired=fired)
 
+    @torch.no_grad()
+    def centre(self, mean_A: torch.Tensor, mean_B: torch.Tensor) -> None:
+        """Start at the data's mean: decoder biases at it, the encoder bias so that every latent's
+        pre-activation is zero there (each then fires on about half the tokens, none on none)."""
+        self.b_dec_A.copy_(mean_A)
+        self.b_dec_B.copy_(mean_B)
+        self.b_enc.copy_(-(mean_A.to(self.W_enc_A) @ self.W_enc_A + mean_B.to(self.W_enc_B) @ self.W_enc_B))
+        self.post_step()
+
     def post_step(self) -> None:
         """Called by the trainer after each optimizer step; variants re-impose constraints here."""
 

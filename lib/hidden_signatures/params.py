@@ -148,6 +148,10 @@ class TrainConfig:
     """Share of the token ceiling trained before the stopping rule is checked."""
     resample: bool = True
     """Resample dead latents (ReLU+L1 crosscoder) at every held-out evaluation before the final decay."""
+    centre_init: bool = True
+    """Start the decoder biases at the training rows' mean and the encoder bias so that every latent's
+    pre-activation is centred: on an uncentred residual stream a zero-bias start leaves the latents
+    that point away from the mean silent from the first step (the last blocks' dead latents)."""
     resample_max: float = 0.01
     """At most this share of the dictionary is resampled at one evaluation: re-aiming thousands of
     latents at once swung the last layers' held-out explained variance to -400."""
@@ -183,8 +187,9 @@ class TrainConfig:
         _in_range("train.converge_window", self.converge_window, 0.0, 1.0, low_open=True)
         _in_range("train.min_frac", self.min_frac, 0.0, 1.0)
         _in_range("train.resample_max", self.resample_max, 0.0, 1.0, low_open=True)
-        if not isinstance(self.resample, bool):
-            raise ParamsError(f"train.resample: {self.resample!r} must be true or false")
+        for name in ("resample", "centre_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamsError(f"train.{name}: {getattr(self, name)!r} must be true or false")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ParamsError(f"train.seed: {self.seed!r} must be a non-negative integer")
 

@@ -325,8 +325,9 @@ def resolved_train(run: RunConfig, pt: Point) -> TrainConfig:
     return dataclasses.replace(pt.train, dtype=precision.resolve(pt.train.dtype, models.pick_device(run.device)))
 
 
-TRAINER_VERSION = 2
-"""Raised when the trainer's behaviour changes (2: stopping rule, L1 control, resampling), so a
+TRAINER_VERSION = 3
+"""Raised when the trainer's behaviour changes (2: stopping rule, L1 control, resampling; 3: centred
+start, resampling budget), so a
 crosscoder trained by an earlier version is never reused."""
 
 

@@ -141,6 +141,8 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
     total = n_steps(cfg)
     distributed.barrier()  # e.g. rank 0 has removed a stale checkpoint before anyone resumes
     step, log, curve, control = _resume(model, opt, out_dir / CHECKPOINT_DIR, l1_coeff)
+    if step == 0 and cfg.centre_init:
+        centre_start(model, data, cfg, device)
     loss_fn = _loss_fn(model, cfg, device)
     fired_since = torch.zeros(model.cfg.dict_size, dtype=torch.long, device=device)
     window = dict.fromkeys(LOG_KEYS, 0.0) | {"n": 0}
@@ -191,6 +193,19 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
         remove_checkpoints(out_dir / CHECKPOINT_DIR)
     distributed.barrier()
     return log
+
+
+CENTRE_ROWS = 16_384
+"""Training rows whose mean starts the biases (centre_init): the rows of the first batches."""
+
+
+def centre_start(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig,
+                 device: torch.device) -> None:
+    """Centre the fresh crosscoder on the mean of the first CENTRE_ROWS training rows (the same
+    rows on every rank: a pure function of the seed)."""
+    idx = batch_indices(0, min(CENTRE_ROWS, data.n_train), data.n_train, cfg.seed)
+    x_a, x_b = data.get(np.sort(data.train_rows[idx]))  # not train_batch: that is a step's read
+    model.centre(x_a.double().mean(0).float().to(device), x_b.double().mean(0).float().to(device))
 
 
 def heldout_row(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, step: int,
