@@ -96,12 +96,28 @@ def test_controller_raises_l1_above_target_and_lowers_it_below() -> None:
 
 
 def test_bad_settings_name_the_field() -> None:
-    for field, value in (("target_l0", 0), ("converge_window", 0.0), ("eval_every", -1), ("resample", "yes")):
+    for field, value in (("target_l0", 0), ("converge_window", 0.0), ("eval_every", -1), ("resample", "yes"),
+                         ("centre_init", 1), ("lr_warmup_frac", 1.5)):
         with pytest.raises(ParamsError, match=f"train.{field}"):
             cfg_of(**{field: value})
 
 
+def test_lr_warms_up_linearly_then_holds() -> None:
+    cfg, control = cfg_of(lr=1e-3, lr_warmup_frac=0.1), convergence.Control(l1=1.0)
+    assert [convergence.lr_at(s, control, 100, cfg) for s in (0, 4, 9, 10, 50)] == \
+        pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    assert convergence.lr_at(0, control, 100, cfg_of(lr=1e-3)) == 1e-3  # no warm-up by default
+
+
 # -- training ------------------------------------------------------------------------------------
+def test_batchtopk_is_not_steered_by_the_l1_weight(pair, tmp_path) -> None:
+    """k sets BatchTopK's L0, so the controller leaves the (ignored) L1 weight alone."""
+    model = crosscoder.build(crosscoder.CrosscoderConfig(d_a=pair.d_a, d_b=pair.d_b, dict_size=H,
+                                                         architecture="batchtopk", k=8), seed=0)
+    tr.train(model, pair, cfg_of(tokens=BATCH * 60, target_l0=2, converge_gain=0.0), l1_coeff=0.3, out_dir=tmp_path)
+    assert record(tmp_path)["final_l1_coeff"] == 0.3
+
+
 @pytest.mark.parametrize("target", [4, 16])
 def test_l1_controller_brings_held_out_l0_to_the_target(pair, tmp_path, target) -> None:
     tr.train(fresh(pair), pair, cfg_of(target_l0=target, converge_gain=0.0), l1_coeff=0.3, out_dir=tmp_path)

@@ -286,6 +286,7 @@ def test_sanity_pair_caps_its_first_block_and_seed_floor_lower(bf16_machine) -> 
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
         {"first": 400_000, "first-seed1": 400_000, "first-seed2": 400_000, "middle": 1_000_000, "last": 1_000_000}
     assert {p.train.target_l0 for p in pipeline.points(run)} == {64}
+    assert {p.train.lr_warmup_frac for p in pipeline.points(run)} == {0.1}
 
 
 def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_machine) -> None:
@@ -293,6 +294,6 @@ def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_mac
 
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
-        {"first": 130_000, "first-seed1": 130_000, "first-seed2": 130_000, "middle": 330_000, "last": 330_000}
+        {"first": 200_000, "first-seed1": 200_000, "first-seed2": 200_000, "middle": 400_000, "last": 400_000}
     assert run.harvest.max_tokens == 100_000
     assert params.load(PARAMS_DIR / "smollm2-same.yaml", quick=True).train.tokens == 15_000

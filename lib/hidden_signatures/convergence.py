@@ -71,9 +71,11 @@ def forced_decay_step(total: int, cfg: TrainConfig) -> int:
 
 
 def lr_at(step: int, control: Control, total: int, cfg: TrainConfig) -> float:
-    """Constant lr until the decay starts, then linear to 0 at end_step."""
+    """Linear warm-up over lr_warmup_frac of the ceiling, constant until the decay starts, then
+    linear to 0 at end_step."""
     if control.decay_start is None or step < control.decay_start:
-        return cfg.lr
+        warm = cfg.lr_warmup_frac * total
+        return cfg.lr * min(1.0, (step + 1) / warm) if warm >= 1 else cfg.lr
     end = end_step(control, total, cfg)
     if end <= control.decay_start:
         return cfg.lr

@@ -82,6 +82,8 @@ class Crosscoder(nn.Module):
     """ReLU crosscoder with an L1 penalty weighted by the summed decoder norms (the paper's)."""
 
     architecture: ClassVar[str] = "relu_l1"
+    steered_by_l1: ClassVar[bool] = True
+    """Whether the L1 weight sets the sparsity (so the trainer steers it toward train.target_l0)."""
 
     def __init__(self, cfg: CrosscoderConfig, generator: torch.Generator | None = None):
         super().__init__()

@@ -87,6 +87,9 @@ class CrosscoderSettings:
     """Decoder row norm at initialisation."""
     k: int = 32
     """Active latents per token for batchtopk."""
+    dead_after_tokens: int = 1_000_000
+    """batchtopk: a latent silent for this many training tokens is dead and joins the auxiliary
+    loss (keep it well below the token ceiling, or the auxiliary loss never starts)."""
     dfc_sizes: dict = field(default_factory=dict)
     """{a_only: n, b_only: m} slots for the dedicated-feature crosscoder."""
 
@@ -96,6 +99,7 @@ class CrosscoderSettings:
         _in_range("crosscoder.l1_coeff", self.l1_coeff, 0.0, 1e4)
         _in_range("crosscoder.dec_init_norm", self.dec_init_norm, 0.0, 10.0, low_open=True)
         _positive("crosscoder.k", self.k)
+        _positive("crosscoder.dead_after_tokens", self.dead_after_tokens)
         if self.k > self.dict_size:
             raise ParamsError(f"crosscoder.k: {self.k} exceeds crosscoder.dict_size {self.dict_size}")
 
@@ -113,6 +117,10 @@ class TrainConfig:
     """Adam learning rate (paper: 5e-5 over 200M tokens; short runs need more)."""
     beta1: float = 0.9
     beta2: float = 0.999
+    lr_warmup_frac: float = 0.0
+    """Share of the ceiling's steps over which the lr rises linearly to lr (0: none). Adam's first steps
+    move every weight by about lr whatever its gradient's size; a warm-up keeps them from silencing
+    latents for good before the dictionary has formed."""
     l1_warmup_frac: float = 0.05
     """Share of steps over which the L1 weight rises linearly from 0."""
     lr_decay_frac: float = 0.2
@@ -170,6 +178,7 @@ class TrainConfig:
         _in_range("train.lr", self.lr, 0.0, 1.0, low_open=True)
         _in_range("train.beta1", self.beta1, 0.0, 1.0)
         _in_range("train.beta2", self.beta2, 0.0, 1.0)
+        _in_range("train.lr_warmup_frac", self.lr_warmup_frac, 0.0, 1.0)
         _in_range("train.l1_warmup_frac", self.l1_warmup_frac, 0.0, 1.0)
         _in_range("train.lr_decay_frac", self.lr_decay_frac, 0.0, 1.0)
         _positive("train.checkpoint_every", self.checkpoint_every)

@@ -317,7 +317,7 @@ def crosscoder_config(settings: CrosscoderSettings, data: activations.PairedActi
     s = settings
     return cc_mod.CrosscoderConfig(d_a=data.d_a, d_b=data.d_b, dict_size=s.dict_size,
                                    architecture=s.architecture, dec_init_norm=s.dec_init_norm,
-                                   k=s.k, dfc_sizes=dict(s.dfc_sizes))
+                                   k=s.k, dfc_sizes=dict(s.dfc_sizes), dead_after_tokens=s.dead_after_tokens)
 
 
 def resolved_train(run: RunConfig, pt: Point) -> TrainConfig:

@@ -165,7 +165,7 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
             _scaled(parts.total, share).backward()
             opt.step()
             model.post_step()
-            if cfg.target_l0 is not None and step >= cfg.l1_warmup_frac * total:  # steered after the warm-up
+            if cfg.target_l0 is not None and model.steered_by_l1 and step >= cfg.l1_warmup_frac * total:
                 control.l1 = convergence.next_l1(control.l1, numbers["l0"], cfg.target_l0, cfg.l1_rate)
             step += 1
             _accumulate(window, numbers, len(idx), fired_since)

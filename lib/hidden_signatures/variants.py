@@ -45,6 +45,7 @@ class BatchTopKCrosscoder(Crosscoder):
     """
 
     architecture: ClassVar[str] = "batchtopk"
+    steered_by_l1: ClassVar[bool] = False  # k sets L0
 
     def __init__(self, cfg: CrosscoderConfig, generator: torch.Generator | None = None):
         super().__init__(cfg, generator=generator)
@@ -52,7 +53,6 @@ class BatchTopKCrosscoder(Crosscoder):
             raise ValueError(f"crosscoder.k: {cfg.k!r} must be in 1..dict_size ({cfg.dict_size})")
         if cfg.aux_k <= 0:
             raise ValueError(f"crosscoder.aux_k: {cfg.aux_k!r} is not a positive integer")
-        # Not (yet) config fields: read them from cfg when the lead adds them.
         self.threshold_beta = float(getattr(cfg, "threshold_beta", THRESHOLD_BETA))
         self.dead_after_tokens = int(getattr(cfg, "dead_after_tokens", DEAD_AFTER_TOKENS))
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
