@@ -142,7 +142,7 @@ class TrainConfig:
     target_l0: int | None = None
     """Steer the L1 weight during training so the batch L0 settles here (crosscoder.l1_coeff is the
     starting value); None keeps the L1 weight fixed after its warm-up. BatchTopK's L0 is its k."""
-    l1_rate: float = 0.01
+    l1_rate: float = 0.03
     """Integral gain of the L1 controller: log(l1) moves by up to this much per step."""
     eval_every: int = 0
     """Steps between held-out evaluations for the convergence curve (0: a 25th of the ceiling, at least 10)."""
