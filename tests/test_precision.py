@@ -113,7 +113,8 @@ def test_real_detection_on_this_machine() -> None:
 
 
 def test_matmul_time_measures() -> None:
-    assert 0 < precision.matmul_time("float32", shape=(64, 64, 64), repeats=3) < 1.0
+    seconds = precision.matmul_time("float32", shape=(64, 64, 64), repeats=3)
+    assert 0 < seconds < float("inf")  # no bound on the time itself: a loaded machine may take any
 
 
 # -- the pipeline and the made models follow the choice ------------------------------------------------
