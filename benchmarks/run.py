@@ -39,10 +39,12 @@ from benchmarks.config import L1_COEFF, RAW_SCALE, SHORT, STORE_LAYER, BenchConf
 from benchmarks.steps import bench_distill, bench_sparsity, bench_step, bench_threads
 from benchmarks.timing import (Precision, matmul_operands, product_time, ratio_entry, say, time_interleaved,
                                timed)
-from hidden_signatures import activations, io, models, precision
-from hidden_signatures import crosscoder as cc_mod
-from hidden_signatures import train as train_mod
-from hidden_signatures.params import TrainConfig
+from hidden_signatures import io, precision
+from hidden_signatures.harvest import activations
+from hidden_signatures.models import loading as models
+from hidden_signatures.crosscoders import crosscoder as cc_mod
+from hidden_signatures.crosscoders import train as train_mod
+from hidden_signatures.crosscoders.train_config import TrainConfig
 
 RESULTS_STEM = "results"
 RESULTS_JSON = f"{RESULTS_STEM}.json"
