@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from benchmarks.config import BENCH_LR, L1_COEFF, BenchConfig
 from benchmarks.timing import Precision, ratio_entry, say, time_interleaved
-from hidden_signatures import crosscoder as cc_mod
-from hidden_signatures import distill, finetune, lm_training, models
-from hidden_signatures import train as train_mod
-from hidden_signatures.params import TrainConfig
+from hidden_signatures.crosscoders import crosscoder as cc_mod
+from hidden_signatures.models import distill, finetune, lm_training
+from hidden_signatures.models import loading as models
+from hidden_signatures.crosscoders import train as train_mod
+from hidden_signatures.crosscoders.train_config import TrainConfig
 
 LossFn = Callable[[cc_mod.Crosscoder, torch.Tensor, torch.Tensor, float], torch.Tensor]
 BF16_STEP, FP32_STEP = "bf16", "fp32"

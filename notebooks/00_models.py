@@ -24,7 +24,8 @@ quick = False
 # %%
 import pandas as pd
 
-from hidden_signatures import derived, models, params, pipeline
+from hidden_signatures.models import loading as models
+from hidden_signatures.run import derived, params, pipeline
 
 raw = params.load(params_file, quick=quick)
 pipeline.validate(raw)

@@ -24,7 +24,8 @@ quick = False
 # %%
 import pandas as pd
 
-from hidden_signatures import corpus, params, pipeline
+from hidden_signatures.data import corpus
+from hidden_signatures.run import params, pipeline
 
 run = pipeline.load_run(params_file, quick=quick)
 layers = pipeline.validate(run)

@@ -23,7 +23,7 @@ quick = False
 # %%
 import pandas as pd
 
-from hidden_signatures import params, pipeline
+from hidden_signatures.run import params, pipeline
 
 run = pipeline.load_run(params_file, quick=quick)
 layers = pipeline.validate(run)

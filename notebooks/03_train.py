@@ -24,7 +24,10 @@ quick = False
 # %%
 import pandas as pd
 
-from hidden_signatures import figures, io, params, pipeline, train
+from hidden_signatures import io
+from hidden_signatures.analysis import figures
+from hidden_signatures.crosscoders import train
+from hidden_signatures.run import params, pipeline
 
 run = pipeline.load_run(params_file, quick=quick)
 data = pipeline.open_pair(run, layer)

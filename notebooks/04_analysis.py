@@ -31,12 +31,15 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from hidden_signatures import analysis, crosscoder, figures, io, metrics, params, pipeline
+from hidden_signatures import io
+from hidden_signatures.analysis import figures, metrics
+from hidden_signatures.crosscoders import crosscoder
+from hidden_signatures.run import params, pipeline, point_analysis
 
 run = pipeline.load_run(params_file, quick=quick)
 tokens = pipeline.pair_tokens(run)
 data = pipeline.open_pair(run, layer)
-result = analysis.analyse_layer(run, layer, data, aligned_fraction=tokens.aligned_fraction)
+result = point_analysis.analyse_layer(run, layer, data, aligned_fraction=tokens.aligned_fraction)
 keys = ["sharedness", "alignment", "alignment_any_fire", "alignment_all_latents", "n_live", "cka", "svcca", "explained_variance",
         "l0", "dead_fraction", "tokens", "token_ceiling", "converged", "target_l0", "final_l1_coeff", "aligned_fraction"]
 pd.Series({k: result[k] for k in keys}, dtype=object)
@@ -50,7 +53,7 @@ pd.Series({k: result[k] for k in keys}, dtype=object)
 # so that L0 settles at the target; dead latents are resampled at each evaluation before the decay.
 
 # %%
-analysis.convergence_figure(run, layer)
+point_analysis.convergence_figure(run, layer)
 
 # %% [markdown]
 # ## Relative decoder norms
@@ -59,9 +62,9 @@ analysis.convergence_figure(run, layer)
 
 # %%
 model = crosscoder.load(pipeline.layer_dir(run, layer))
-W_A, W_B = analysis.decoders(model)
+W_A, W_B = point_analysis.decoders(model)
 n_rel = metrics.relative_norms(W_A, W_B)
-fire_rate = pd.read_csv(pipeline.layer_dir(run, layer) / analysis.STRENGTHS_CSV)["fire_rate"].to_numpy()
+fire_rate = pd.read_csv(pipeline.layer_dir(run, layer) / point_analysis.STRENGTHS_CSV)["fire_rate"].to_numpy()
 live = fire_rate >= run.analysis.min_fire_rate  # rarer latents keep their random initialisation
 figures.relative_norm_histogram(n_rel.numpy()[live], name_a=pipeline.display_name(run.model_a),
                                name_b=pipeline.display_name(run.model_b),
@@ -110,7 +113,7 @@ figures.cca_spectrum(metrics.alignment(W_A, W_B, live_mask_H=live_H).spectrum.nu
 # the latent look exclusive.
 
 # %%
-scaling = io.load_tensors(pipeline.layer_dir(run, layer) / analysis.SCALING_FILE)
+scaling = io.load_tensors(pipeline.layer_dir(run, layer) / point_analysis.SCALING_FILE)
 print(result["latent_scaling"])
 if "other_model_ratio" in scaling:
     side = ["A-only" if n_rel[i] > 0.5 else "B-only" for i in scaling["latents"].tolist()]
@@ -125,9 +128,9 @@ if "other_model_ratio" in scaling:
 # variance) against sparsity (L0).
 
 # %%
-names = analysis.sibling_points(run, layer)
+names = point_analysis.sibling_points(run, layer)
 if len(names) > 1 and layer == pipeline.point(run, layer).label:  # once per layer, at its main point
-    hists, rows = analysis.compare_points(run, names, data)
+    hists, rows = point_analysis.compare_points(run, names, data)
     display(figures.relative_norm_histograms(hists, name_a=pipeline.display_name(run.model_a),
                                              name_b=pipeline.display_name(run.model_b)))
     display(pd.DataFrame(rows))

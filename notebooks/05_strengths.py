@@ -25,11 +25,14 @@ quick = False
 import torch
 from IPython.display import HTML
 
-from hidden_signatures import analysis, browser, crosscoder, figures, io, params, pipeline
+from hidden_signatures import io
+from hidden_signatures.analysis import browser, figures
+from hidden_signatures.crosscoders import crosscoder
+from hidden_signatures.run import params, pipeline, point_analysis
 
 run = pipeline.load_run(params_file, quick=quick)
 out = pipeline.layer_dir(run, layer)
-strengths = io.load_tensors(out / analysis.STRENGTHS_FILE)
+strengths = io.load_tensors(out / point_analysis.STRENGTHS_FILE)
 print(f"similarity (CCA alignment): {strengths['sim_metric'].item():.4f}")
 
 # %%

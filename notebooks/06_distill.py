@@ -32,7 +32,11 @@ quick = False
 import pandas as pd
 from IPython.display import display
 
-from hidden_signatures import derived, distill_report, figures, io, lm_training, metrics, models, params, pipeline
+from hidden_signatures import io
+from hidden_signatures.analysis import figures, metrics
+from hidden_signatures.models import lm_training
+from hidden_signatures.models import loading as models
+from hidden_signatures.run import derived, distill_report, params, pipeline
 
 run_kl = params.load(kl_params, quick=quick)
 run_jac = params.load(jacobian_params, quick=quick)

@@ -20,7 +20,7 @@
 # latents. The L1 penalty can also invent model-exclusive latents (Minder et al. 2025).
 #
 # So before reading the real pairs we check the ruler on synthetic pairs whose features we
-# planted ourselves (`hidden_signatures.synthetic`): a known sparse dictionary of shared,
+# planted ourselves (`hidden_signatures.validation.synthetic`): a known sparse dictionary of shared,
 # A-only, B-only and analogous (rotated, shrunk) features with heavy-tailed firing rates,
 # correlated groups and hierarchies, written into two "models" of different widths. We ask:
 # 1. **Recovery**: does each crosscoder variant find the planted features, and does the
@@ -39,9 +39,12 @@ import time
 
 import pandas as pd
 
-from hidden_signatures import figures, io, pipeline, validation
+from hidden_signatures import io
+from hidden_signatures.analysis import figures
+from hidden_signatures.run import pipeline
+from hidden_signatures.validation import studies
 
-cfg = validation.ValidationConfig.for_run(quick=quick, seed=seed)
+cfg = studies.ValidationConfig.for_run(quick=quick, seed=seed)
 fit_kwargs = cfg.fit_kwargs()
 fig_dir = pipeline.figures_root() / "validation"
 started = time.perf_counter()
@@ -58,12 +61,12 @@ pd.Series({"planted features": cfg.synthetic.n_features, "widths (A, B)": (cfg.s
 # the planted class counts.
 
 # %%
-recovery = validation.recovery_study(cfg.synthetic, cfg.architectures, seed=cfg.seed, **fit_kwargs)
+recovery = studies.recovery_study(cfg.synthetic, cfg.architectures, seed=cfg.seed, **fit_kwargs)
 recovery_frame = pd.DataFrame(recovery).drop(columns="calibration").set_index("architecture")
 recovery_frame.T
 
 # %%
-fig = figures.summary_heatmap(validation.recovery_matrix(recovery), title="Recovery and classification",
+fig = figures.summary_heatmap(studies.recovery_matrix(recovery), title="Recovery and classification",
                               xlabel="", digits=2)
 figures.save_figure(fig, fig_dir / "recovery")
 fig
@@ -73,7 +76,7 @@ fig
 # (mean and quantiles of n_rel; the fraction of each class called A-only, B-only, shared or none).
 
 # %%
-pd.DataFrame(validation.calibration_table(recovery)).set_index(["architecture", "true_class"])
+pd.DataFrame(studies.calibration_table(recovery)).set_index(["architecture", "true_class"])
 
 # %% [markdown]
 # ## 2 · Calibration: measured against planted
@@ -82,12 +85,12 @@ pd.DataFrame(validation.calibration_table(recovery)).set_index(["architecture", 
 # scaling applied.
 
 # %%
-sweep = validation.calibration_sweep(cfg.synthetic, cfg.shared_fractions, cfg.architectures,
+sweep = studies.calibration_sweep(cfg.synthetic, cfg.shared_fractions, cfg.architectures,
                                      n_perm=cfg.n_perm, seed=cfg.seed, **fit_kwargs)
 pd.DataFrame(sweep)
 
 # %%
-truth, measured = validation.calibration_series(sweep, "planted_sharedness", "measured_sharedness")
+truth, measured = studies.calibration_series(sweep, "planted_sharedness", "measured_sharedness")
 fig = figures.calibration_curve(truth, measured, title="Sharedness: measured vs planted",
                                 xlabel="planted sharedness", ylabel="measured sharedness")
 figures.save_figure(fig, fig_dir / "calibration_sharedness")
@@ -102,7 +105,7 @@ fig
 # anything there; the dashed null line is the first architecture's row-permutation null.
 
 # %%
-truth, measured = validation.calibration_series(sweep, "planted_alignment", "measured_alignment",
+truth, measured = studies.calibration_series(sweep, "planted_alignment", "measured_alignment",
                                                 null_key="null_perm_mean")
 fig = figures.calibration_curve(truth, measured, title="Alignment: measured vs planted (different bases)",
                                 xlabel="planted alignment", ylabel="measured alignment")
@@ -114,10 +117,10 @@ fig
 # to both models, like a model and its fine-tune): here alignment has room to move.
 
 # %%
-same_basis = validation.calibration_sweep(cfg.same_basis_synthetic(), cfg.shared_fractions,
+same_basis = studies.calibration_sweep(cfg.same_basis_synthetic(), cfg.shared_fractions,
                                           cfg.same_basis_architectures, n_perm=cfg.n_perm,
                                           seed=cfg.seed, **fit_kwargs)
-truth, measured = validation.calibration_series(same_basis, "planted_alignment", "measured_alignment",
+truth, measured = studies.calibration_series(same_basis, "planted_alignment", "measured_alignment",
                                                 null_key="null_perm_mean")
 fig = figures.calibration_curve(truth, measured, title="Alignment: measured vs planted (same basis)",
                                 xlabel="planted alignment", ylabel="measured alignment")
@@ -136,7 +139,7 @@ pd.DataFrame(same_basis)
 # the floor that matching alone produces.
 
 # %%
-seeds = validation.seed_study(cfg.synthetic, cfg.seeds, n_perm=cfg.n_perm, **fit_kwargs)
+seeds = studies.seed_study(cfg.synthetic, cfg.seeds, n_perm=cfg.n_perm, **fit_kwargs)
 nulls = seeds["nulls"]
 pd.Series({"alignment": nulls["alignment"], "permutation null": nulls["permutation"]["mean"],
            "permutation null std": nulls["permutation"]["std"],

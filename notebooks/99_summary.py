@@ -25,7 +25,8 @@ quick = False
 # %%
 import pandas as pd
 
-from hidden_signatures import pipeline, summary
+from hidden_signatures.analysis import summary
+from hidden_signatures.run import pipeline
 
 frame = summary.collect(pipeline.results_root())
 written = summary.write(frame, pipeline.figures_root() / "summary")

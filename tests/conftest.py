@@ -109,7 +109,7 @@ def text_file(tmp_path_factory) -> Path:
 
 def _chromium_or_none() -> str | None:
     """The Chromium kaleido would use, or None when the machine has none."""
-    from hidden_signatures import figures
+    from hidden_signatures.analysis import figures
 
     try:
         return figures.find_chromium()

@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import save_tiny_model
 
-from hidden_signatures import activations, io, models
+from hidden_signatures import io
+from hidden_signatures.harvest import activations
+from hidden_signatures.models import loading as models
 
 ARCHS = ("llama", "gpt2", "gpt_neox", "gemma2")
 LAYERS = [0, 2]

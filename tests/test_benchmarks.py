@@ -21,8 +21,9 @@ if str(ROOT) not in sys.path:  # benchmarks/ sits beside lib/, at the project ro
 
 from benchmarks import run as bench  # noqa: E402
 from benchmarks import steps  # noqa: E402
-from hidden_signatures import activations, io, precision  # noqa: E402
-from hidden_signatures import crosscoder as cc_mod  # noqa: E402
+from hidden_signatures import io, precision  # noqa: E402
+from hidden_signatures.harvest import activations  # noqa: E402
+from hidden_signatures.crosscoders import crosscoder as cc_mod  # noqa: E402
 
 ENTRY_KEYS = {"name", "ours_s", "baseline_s", "ratio", "ratio_of_mins", "repeats", "target", "met"}
 N_ENTRIES = 2 + 2 + 8 + 4 + 1 + 2 + 3 + 1

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from hidden_signatures import convergence, crosscoder, io, resample, synthetic
-from hidden_signatures import train as tr
-from hidden_signatures.params import ParamsError, TrainConfig
+from hidden_signatures import io
+from hidden_signatures.crosscoders import convergence, crosscoder, resample
+from hidden_signatures.validation import recovery
+from hidden_signatures.validation import synthetic
+from hidden_signatures.crosscoders import train as tr
+from hidden_signatures.run.params import ParamsError, TrainConfig
 
 H, BATCH = 128, 128
 
@@ -17,7 +20,7 @@ class MemoryPair:
     """Paired rows held in memory with the slice of PairedActivations that train() reads."""
 
     def __init__(self, x_a: torch.Tensor, x_b: torch.Tensor, eval_share: float = 0.2):
-        s_a, s_b = synthetic.norm_factors(x_a, x_b)
+        s_a, s_b = recovery.norm_factors(x_a, x_b)
         self.x_a, self.x_b = x_a * s_a, x_b * s_b
         n_eval = int(len(x_a) * eval_share)
         self.eval_rows = np.arange(len(x_a) - n_eval, len(x_a))

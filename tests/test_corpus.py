@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from hidden_signatures import corpus, io
+from hidden_signatures import io
+from hidden_signatures.data import corpus
 
 
 class CountingTokenizer:

@@ -8,8 +8,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from hidden_signatures import crosscoder, io
-from hidden_signatures.crosscoder import CrosscoderConfig
+from hidden_signatures import io
+from hidden_signatures.crosscoders import crosscoder
+from hidden_signatures.crosscoders.crosscoder import CrosscoderConfig
 
 D_A, D_B, H = 12, 20, 40
 

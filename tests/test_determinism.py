@@ -12,10 +12,14 @@ import pytest
 import torch
 from conftest import save_tiny_model, train_tokenizer
 
-from hidden_signatures import analysis, corpus, figures, io, pipeline
-from hidden_signatures import crosscoder as cc_mod
-from hidden_signatures import params
-from hidden_signatures import train as tr
+from hidden_signatures import io
+from hidden_signatures.analysis import figures
+from hidden_signatures.data import corpus
+from hidden_signatures.run import pipeline
+from hidden_signatures.run import point_analysis as analysis
+from hidden_signatures.crosscoders import crosscoder as cc_mod
+from hidden_signatures.run import params
+from hidden_signatures.crosscoders import train as tr
 
 ENV_CACHE, ENV_RESULTS, ENV_FIGURES = io.CACHE_ENV, pipeline.RESULTS_ENV, pipeline.FIGURES_ENV
 POINT = "middle"

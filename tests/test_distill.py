@@ -11,8 +11,8 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
                           LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from hidden_signatures import distill as ds
-from hidden_signatures import lm_training as lt
+from hidden_signatures.models import distill as ds
+from hidden_signatures.models import lm_training as lt
 
 VOCAB = 64
 

@@ -1,4 +1,4 @@
-"""Tests for distributed.py and the multi-process paths of activations.py and train.py.
+"""Tests for process_group.py, run/distributed.py and the multi-process paths of activations.py and train.py.
 
 One torchrun launch (2 CPU processes, gloo) harvests two tiny models sharded and trains on them
 with DDP; its store must be byte-identical and its crosscoder equal (within float rounding) to
@@ -19,10 +19,15 @@ import torch
 import yaml
 from conftest import TINY_TEXT, save_tiny_model
 
-from hidden_signatures import activations, crosscoder, distributed, io, models, pipeline
-from hidden_signatures import train as tr
-from hidden_signatures.crosscoder import CrosscoderConfig
-from hidden_signatures.params import TrainConfig
+from hidden_signatures import io
+from hidden_signatures.crosscoders import crosscoder
+from hidden_signatures.harvest import activations
+from hidden_signatures.run import pipeline
+from hidden_signatures import process_group as distributed
+from hidden_signatures.models import loading as models
+from hidden_signatures.crosscoders import train as tr
+from hidden_signatures.crosscoders.crosscoder import CrosscoderConfig
+from hidden_signatures.crosscoders.train_config import TrainConfig
 
 N_SEQS, SEQ_LEN, HARVEST_BATCH = 20, 16, 3  # 7 harvest batches: the last round has one batch only
 BATCH, STEPS, H = 33, 40, 64  # an odd global batch: the two ranks get 17 and 16 rows
@@ -34,8 +39,11 @@ CHILD = '''
 """Under torchrun: sharded harvest, DDP training, DDP resume of a single-process checkpoint; argv: root."""
 import sys
 from pathlib import Path
-from hidden_signatures import activations, crosscoder, distributed, io, train
-from hidden_signatures.params import TrainConfig
+from hidden_signatures import io
+from hidden_signatures.crosscoders import crosscoder, train
+from hidden_signatures.harvest import activations
+from hidden_signatures import process_group as distributed
+from hidden_signatures.crosscoders.train_config import TrainConfig
 
 root = Path(sys.argv[1])
 rank, world = distributed.init_from_env("cpu")

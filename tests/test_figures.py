@@ -1,4 +1,4 @@
-"""Tests for hidden_signatures.figures: builder contents, byte-reproducible export, atomic writes."""
+"""Tests for hidden_signatures.analysis.figures: builder contents, byte-reproducible export, atomic writes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pytest
 from conftest import needs_chromium
 import torch
 
-from hidden_signatures import figures as F
+from hidden_signatures.analysis import figure_export as FX
+
+from hidden_signatures.analysis import figures as F
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +172,7 @@ def test_failed_png_export_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
     def boom(*args, **kwargs):
         raise RuntimeError("renderer crashed")
 
-    monkeypatch.setattr(F, "_ensure_server", lambda: None)
+    monkeypatch.setattr(FX, "_ensure_server", lambda: None)
     monkeypatch.setattr(kaleido, "calc_fig_sync", boom)
     with pytest.raises(RuntimeError, match="renderer crashed"):
         F.save_figure(F.cca_spectrum([0.5]), tmp_path / "out" / "fig", formats=("html", "png"))
@@ -195,7 +197,8 @@ def test_html_is_deterministic_and_offline(tmp_path: Path) -> None:
 
 _SUBPROCESS_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from hidden_signatures import figures as F
+    from hidden_signatures.analysis import figure_export as FX
+    from hidden_signatures.analysis import figures as F
     g = torch.Generator().manual_seed(0)
     n_rel = torch.cat([torch.rand(30, generator=g) * 0.1, 0.4 + torch.rand(50, generator=g) * 0.2,
                        0.9 + torch.rand(20, generator=g) * 0.1, torch.tensor([float("nan")])])

@@ -11,8 +11,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hidden_signatures import lm_training as lt
-from hidden_signatures.finetune import finetune, finetune_key, heldout_loss, lm_step
+from hidden_signatures.models import lm_training as lt
+from hidden_signatures.models.finetune import finetune, finetune_key, heldout_loss, lm_step
 
 VOCAB = 64
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hidden_signatures import crosscoder as cc
-from hidden_signatures import fused_loss
-from hidden_signatures import variants
+from hidden_signatures.crosscoders import crosscoder as cc
+from hidden_signatures.crosscoders import fused_loss
+from hidden_signatures.crosscoders import dfc
 
 DENSE, SPARSE = 0.0, 1.0  # sparse_below: never / always sparse
 
@@ -87,7 +87,7 @@ def test_path_follows_the_density_threshold(monkeypatch) -> None:
 
 
 def test_the_params_default_is_the_library_default() -> None:
-    from hidden_signatures.params import TrainConfig
+    from hidden_signatures.crosscoders.train_config import TrainConfig
 
     assert TrainConfig.sparse_below == fused_loss.SPARSE_BELOW and TrainConfig.step == "fused"
 
@@ -103,5 +103,5 @@ def test_only_the_plain_crosscoder_is_fused() -> None:
     cfg = dict(d_a=8, d_b=8, dict_size=32)
     assert fused_loss.supports(cc.build(cc.CrosscoderConfig(**cfg)))
     assert not fused_loss.supports(cc.build(cc.CrosscoderConfig(**cfg, architecture="batchtopk", k=4)))
-    assert not fused_loss.supports(variants.DedicatedFeatureCrosscoder(
+    assert not fused_loss.supports(dfc.DedicatedFeatureCrosscoder(
         cc.CrosscoderConfig(**cfg, architecture="dfc", dfc_sizes={"a_only": 4, "b_only": 4})))

@@ -16,9 +16,10 @@ from typing import Callable
 import pytest
 
 from conftest import ROOT, save_tiny_model, train_tokenizer
-from hidden_signatures import analysis, params, pipeline
-from hidden_signatures.corpus import CorpusConfig
-from hidden_signatures.params import ParamsError, RunConfig
+from hidden_signatures.run import params, pipeline
+from hidden_signatures.run import point_analysis as analysis
+from hidden_signatures.data.corpus import CorpusConfig
+from hidden_signatures.run.params import ParamsError, RunConfig
 
 PARAMS_DIR = ROOT / "params"
 

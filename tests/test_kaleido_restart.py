@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from conftest import needs_chromium
 
-from hidden_signatures import figures as F
+from hidden_signatures.analysis import figure_export as FX
+
+from hidden_signatures.analysis import figures as F
 
 # str() of the JavascriptError kaleido 1.5.1 raised here when a render ran before its page's script
 REAL_MESSAGE = (
@@ -38,7 +40,7 @@ def _figure() -> Any:
 
 def _png() -> bytes:
     """PNG bytes of `_figure()` through figures' export path."""
-    return F._render_png(_figure(), **SIZE)
+    return FX._render_png(_figure(), **SIZE)
 
 
 def _page_not_ready() -> Exception:
@@ -51,13 +53,13 @@ def _page_not_ready() -> Exception:
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short waits between attempts, so the tests spend their time rendering."""
-    monkeypatch.setattr(F, "RESTART_BACKOFF_S", (0.01, 0.02))
+    monkeypatch.setattr(FX, "RESTART_BACKOFF_S", (0.01, 0.02))
 
 
 @pytest.fixture(scope="module")
 def reference_png() -> bytes:
     """A normal export of `_figure()` on a server started as figures starts it (once per module)."""
-    F._stop_server()
+    FX._stop_server()
     return _png()
 
 
@@ -65,13 +67,13 @@ def reference_png() -> bytes:
 def restarts(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Record every real stop of the shared server (the first half of a restart)."""
     calls: list[float] = []
-    real = F._stop_server
+    real = FX._stop_server
 
     def spy() -> None:
         calls.append(time.monotonic())
         real()
 
-    monkeypatch.setattr(F, "_stop_server", spy)
+    monkeypatch.setattr(FX, "_stop_server", spy)
     return calls
 
 
@@ -110,9 +112,9 @@ def stale_load_event(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return future
 
     monkeypatch.setattr(_tab, "_subscribe_new", stale)
-    F._stop_server()  # the next render starts a server, whose first navigate gets the stale event
+    FX._stop_server()  # the next render starts a server, whose first navigate gets the stale event
     yield used
-    F._stop_server()  # leave no server behind that was started under the patch
+    FX._stop_server()  # leave no server behind that was started under the patch
 
 
 def _descendants(root: int) -> dict[int, str]:
@@ -160,24 +162,24 @@ def _parent_in(pid: int, pids: set[int]) -> bool:
 def test_only_the_page_not_ready_error_is_recognised() -> None:
     from kaleido.errors import JavascriptError, KaleidoError
 
-    assert F._is_page_not_ready(_page_not_ready())
-    assert not F._is_page_not_ready(JavascriptError(OTHER_JS_MESSAGE))
-    assert not F._is_page_not_ready(RuntimeError(REAL_MESSAGE))  # the text alone is not enough
-    assert not F._is_page_not_ready(KaleidoError(525, "kaleido_scopes: plotly failed"))
-    assert not F._is_page_not_ready(JavascriptError("ReferenceError: Plotly is not defined"))
+    assert FX._is_page_not_ready(_page_not_ready())
+    assert not FX._is_page_not_ready(JavascriptError(OTHER_JS_MESSAGE))
+    assert not FX._is_page_not_ready(RuntimeError(REAL_MESSAGE))  # the text alone is not enough
+    assert not FX._is_page_not_ready(KaleidoError(525, "kaleido_scopes: plotly failed"))
+    assert not FX._is_page_not_ready(JavascriptError("ReferenceError: Plotly is not defined"))
 
 
 def test_persistent_page_not_ready_gives_up_with_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from kaleido.errors import JavascriptError
 
     stops: list[int] = []
-    monkeypatch.setattr(F, "_ensure_server", lambda: None)
-    monkeypatch.setattr(F, "_stop_server", lambda: stops.append(1))
+    monkeypatch.setattr(FX, "_ensure_server", lambda: None)
+    monkeypatch.setattr(FX, "_stop_server", lambda: stops.append(1))
     calls = _fail_first(monkeypatch, times=10**6, error=_page_not_ready)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"PNG export failed.*kaleido_scopes is not defined.*all 3 attempts") as info:
         F.save_figure(_figure(), Path("/nonexistent/never-written"), formats=("png",))
-    assert len(calls) == F.RENDER_ATTEMPTS == 3 and len(stops) == 3  # bounded; left stopped for a fresh start
+    assert len(calls) == FX.RENDER_ATTEMPTS == 3 and len(stops) == 3  # bounded; left stopped for a fresh start
     assert "\n" not in str(info.value)
     assert isinstance(info.value.__cause__, JavascriptError)
     assert time.monotonic() - start < 5
@@ -206,8 +208,8 @@ def _crash_with_same_text() -> Exception:
                          ids=["other-js-error", "kaleido-error", "runtime-error-same-text"])
 def test_unrelated_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch, error: Callable[[], Exception]) -> None:
     stops: list[int] = []
-    monkeypatch.setattr(F, "_ensure_server", lambda: None)
-    monkeypatch.setattr(F, "_stop_server", lambda: stops.append(1))
+    monkeypatch.setattr(FX, "_ensure_server", lambda: None)
+    monkeypatch.setattr(FX, "_stop_server", lambda: stops.append(1))
     calls = _fail_first(monkeypatch, times=10**6, error=error)
     with pytest.raises(type(error())) as info:
         _png()
@@ -220,10 +222,10 @@ def test_unrelated_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch, error
 @needs_chromium
 def test_page_not_ready_restarts_and_gives_the_same_png(monkeypatch: pytest.MonkeyPatch, reference_png: bytes,
                                                        restarts: list[float]) -> None:
-    calls = _fail_first(monkeypatch, times=F.RENDER_ATTEMPTS - 1, error=_page_not_ready)
+    calls = _fail_first(monkeypatch, times=FX.RENDER_ATTEMPTS - 1, error=_page_not_ready)
     assert _png() == reference_png  # the last allowed attempt succeeds
-    assert len(calls) == F.RENDER_ATTEMPTS and len(restarts) == F.RENDER_ATTEMPTS - 1
-    assert _png() == reference_png and len(restarts) == F.RENDER_ATTEMPTS - 1  # the new server keeps serving
+    assert len(calls) == FX.RENDER_ATTEMPTS and len(restarts) == FX.RENDER_ATTEMPTS - 1
+    assert _png() == reference_png and len(restarts) == FX.RENDER_ATTEMPTS - 1  # the new server keeps serving
     assert len(_browsers()) == 1  # the stopped servers' Chromiums were closed, not leaked
 
 
@@ -234,18 +236,19 @@ def test_render_during_page_load_recovers(reference_png: bytes, stale_load_event
     from kaleido.errors import JavascriptError
 
     seen: list[BaseException] = []
-    real_check = F._is_page_not_ready
-    monkeypatch.setattr(F, "_is_page_not_ready", lambda exc: seen.append(exc) or real_check(exc))
+    real_check = FX._is_page_not_ready
+    monkeypatch.setattr(FX, "_is_page_not_ready", lambda exc: seen.append(exc) or real_check(exc))
     assert _png() == reference_png
     assert stale_load_event == [1]
-    assert len(seen) == 1 and isinstance(seen[0], JavascriptError) and F.PAGE_NOT_READY in str(seen[0])
+    assert len(seen) == 1 and isinstance(seen[0], JavascriptError) and FX.PAGE_NOT_READY in str(seen[0])
     assert len(restarts) == 1
 
 
 _EXIT_SCRIPT = textwrap.dedent("""
     import os, sys
     from kaleido._kaleido_tab import _tab
-    from hidden_signatures import figures as F
+    from hidden_signatures.analysis import figure_export as FX
+    from hidden_signatures.analysis import figures as F
     sys.path.insert(0, sys.argv[1])
     import test_kaleido_restart as T
 
@@ -290,7 +293,7 @@ def test_fresh_servers_under_cpu_load_always_export(reference_png: bytes, restar
     try:
         deadline, results = time.monotonic() + 15, []
         while time.monotonic() < deadline or len(results) < 2:
-            F._stop_server()
+            FX._stop_server()
             results.append(_png())
     finally:
         for proc in loops:

@@ -1,4 +1,4 @@
-"""Tests for hidden_signatures.metrics: known answers and independent cross-checks."""
+"""Tests for hidden_signatures.analysis.metrics: known answers and independent cross-checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from sklearn.cross_decomposition import CCA
 
-from hidden_signatures import metrics as M
+from hidden_signatures.analysis import metrics as M
+from hidden_signatures.analysis import similarity
 
 F64 = torch.float64
 
@@ -245,7 +246,7 @@ def test_linear_cka_known_answers_and_gram_crosscheck():
 def test_linear_cka_chunked_moments_match_single_pass(monkeypatch):
     X, Y = randn(500, 6, seed=14) + 50.0, randn(500, 4, seed=15)
     whole = M.linear_cka(X, Y)
-    monkeypatch.setattr(M, "MOMENT_CHUNK", 37)
+    monkeypatch.setattr(similarity, "MOMENT_CHUNK", 37)
     assert M.linear_cka(X, Y) == pytest.approx(whole, abs=1e-12)
     assert whole == pytest.approx(gram_cka(X, Y), abs=1e-10)
 

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
-from hidden_signatures import models
+from hidden_signatures.models import loading as models
 
 ARCH_BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "llama": "model.layers",
                "gemma2": "model.layers"}
@@ -189,7 +189,7 @@ def test_model_report_is_measured_once_per_model_files_and_corpus(tiny_llama_dir
     import shutil
     import time
 
-    from hidden_signatures import params, pipeline
+    from hidden_signatures.run import params, pipeline
 
     run = params.from_dict({"name": "r", "model_a": str(tiny_llama_dir), "model_b": str(tiny_llama_dir),
                             "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},

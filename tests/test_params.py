@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hidden_signatures import params
-from hidden_signatures.params import ParamsError
+from hidden_signatures.run import params
+from hidden_signatures.run.params import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = ROOT / "params"
@@ -246,7 +246,7 @@ def test_find_params_unknown_name_suggests_the_closest() -> None:
 
 # -- comparison points ------------------------------------------------------------------------------
 def points_of(data: dict, quick: bool = False) -> list[str]:
-    from hidden_signatures import pipeline
+    from hidden_signatures.run import pipeline
 
     return [p.name for p in pipeline.points(params.from_dict(data, quick=quick))]
 
@@ -267,7 +267,7 @@ def test_seed_floor_does_not_repeat_a_seed_variant() -> None:
 
 
 def test_train_at_changes_the_budget_of_every_crosscoder_at_that_layer_only() -> None:
-    from hidden_signatures import pipeline
+    from hidden_signatures.run import pipeline
 
     data = with_("train_at", {"middle": {"tokens": 2048}})
     pts = {p.name: p for p in pipeline.points(params.from_dict(data))}
@@ -280,7 +280,7 @@ def test_train_at_changes_the_budget_of_every_crosscoder_at_that_layer_only() ->
 
 
 def test_sanity_pair_caps_its_first_block_and_seed_floor_lower(bf16_machine) -> None:
-    from hidden_signatures import pipeline
+    from hidden_signatures.run import pipeline
 
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
@@ -290,7 +290,7 @@ def test_sanity_pair_caps_its_first_block_and_seed_floor_lower(bf16_machine) -> 
 
 
 def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_machine) -> None:
-    from hidden_signatures import pipeline
+    from hidden_signatures.run import pipeline
 
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \

@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 
-from hidden_signatures import derived, lm_training, params, pipeline, precision
+from hidden_signatures import precision
+from hidden_signatures.models import lm_training
+from hidden_signatures.run import derived, params, pipeline
 
 AMX = {"capability": "AVX512", "amx": True, "avx512_bf16": True}
 AVX2 = {"capability": "AVX2", "amx": False, "avx512_bf16": False}
@@ -211,7 +213,7 @@ def test_fp32_cpu_typo_is_caught_on_every_machine(monkeypatch) -> None:
 
 
 def test_runner_says_when_fp32_budgets_apply(monkeypatch, capsys) -> None:
-    from hidden_signatures import runner
+    from hidden_signatures.run import runner
 
     machine(monkeypatch, AVX2)
     runner.say_fp32_budget(params.from_dict(FP32_PARAMS))

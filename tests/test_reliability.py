@@ -23,9 +23,13 @@ import torch
 import yaml
 from conftest import ROOT, save_tiny_model
 
-from hidden_signatures import activations, crosscoder, io, models, params, pipeline, runner
-from hidden_signatures import train as tr
-from hidden_signatures.params import ParamsError, TrainConfig
+from hidden_signatures import io
+from hidden_signatures.crosscoders import crosscoder
+from hidden_signatures.harvest import activations
+from hidden_signatures.run import params, pipeline, runner
+from hidden_signatures.models import loading as models
+from hidden_signatures.crosscoders import train as tr
+from hidden_signatures.run.params import ParamsError, TrainConfig
 
 N_SEQS, SEQ_LEN = 64, 16
 LAYER_A, LAYER_B = 2, 1
@@ -81,8 +85,9 @@ TRAIN_SCRIPT = '''
 """Train a crosscoder on two stores; argv: store_a store_b out_dir delay. Prints the batches it ran."""
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started with SIGINT ignored
-from hidden_signatures import activations, crosscoder, train
-from hidden_signatures.params import TrainConfig
+from hidden_signatures.crosscoders import crosscoder, train
+from hidden_signatures.harvest import activations
+from hidden_signatures.crosscoders.train_config import TrainConfig
 
 store_a, store_b, out_dir, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 data = activations.PairedActivations(activations.ActivationStore.open(store_a),
@@ -116,7 +121,8 @@ HARVEST_SCRIPT = '''
 """Harvest layers 1 and 3 of one model, one sequence per batch; argv: spec ids_file root delay."""
 import sys, time
 from pathlib import Path
-from hidden_signatures import activations, io
+from hidden_signatures import io
+from hidden_signatures.harvest import activations
 
 spec, ids_file, root, delay = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
 ids = io.load_tensors(ids_file)["ids"]
@@ -470,7 +476,7 @@ def test_runner_cli_unknown_params_file_exits_2_with_one_line() -> None:
 
 
 def test_quick_runs_write_beside_full_results_not_over_them(monkeypatch) -> None:
-    from hidden_signatures import pipeline
+    from hidden_signatures.run import pipeline
 
     for env in (pipeline.RESULTS_ENV, pipeline.FIGURES_ENV):
         monkeypatch.setenv(env, "x")  # recorded, so the values quick_roots sets are undone afterwards

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from hidden_signatures import params, runner, schedule
+from hidden_signatures.run import params, runner, schedule
 
 NOTEBOOK = '''# %% tags=["parameters"]
 name = "x"

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from hidden_signatures import splice
+from hidden_signatures.analysis import splice
 
 
 class PerfectCrosscoder(nn.Module):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hidden_signatures import io, summary
+from hidden_signatures import io
+from hidden_signatures.analysis import summary
 
 
 def metrics(pair: str, point: str, seed: int, converged: bool, tokens: int) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for the planted-feature benchmark (hidden_signatures.synthetic)."""
+"""Tests for the planted-feature benchmark (hidden_signatures.validation.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from hidden_signatures import crosscoder
-from hidden_signatures import synthetic as S
+from hidden_signatures.crosscoders import crosscoder
+from hidden_signatures.validation import recovery
+from hidden_signatures.validation import synthetic as S
 
 
 def tiny_cfg(**overrides) -> S.SyntheticConfig:
@@ -103,10 +104,10 @@ def test_same_basis_shows_the_analogous_rotation():
 def test_sweep_and_planted_sharedness():
     cfgs = S.sweep_configs(tiny_cfg(), [0.0, 0.5, 1.0])
     assert [c.frac_a_only for c in cfgs] == [0.5, 0.25, 0.0] and all(c.frac_analogous == 0 for c in cfgs)
-    values = [S.planted_sharedness(c) for c in cfgs]
+    values = [recovery.planted_sharedness(c) for c in cfgs]
     assert values[0] == pytest.approx(0.0, abs=1e-12) and values[2] == pytest.approx(1.0)
     assert 0.2 < values[1] < 0.8
-    truth = S.planted_truth(tiny_cfg(analogous_shrink=0.7))
+    truth = recovery.planted_truth(tiny_cfg(analogous_shrink=0.7))
     ana = [f for f, k in enumerate(S.make_pair(tiny_cfg(), 1).classes) if k == "analogous"]
     assert torch.allclose(truth.n_rel_F[ana], torch.full((len(ana),), 1 / 1.7, dtype=torch.float64))
     with pytest.raises(ValueError, match="shared fraction"):
@@ -121,18 +122,18 @@ def test_matching_recovers_a_permutation():
     W_dec_HB = torch.cat([pair.D_FB[perm_H], torch.randn(16, 48, generator=gen)])
     W_dec_HA += 1e-3 * torch.randn(W_dec_HA.shape, generator=gen)
     W_dec_HB += 1e-3 * torch.randn(W_dec_HB.shape, generator=gen)
-    result = S.match_latents(W_dec_HA, W_dec_HB, pair.D_FA, pair.D_FB)
+    result = recovery.match_latents(W_dec_HA, W_dec_HB, pair.D_FA, pair.D_FB)
     assert result.recovered_frac == 1.0
     assert torch.equal(result.feature_to_latent_F[perm_H], torch.arange(64))
     assert (result.cos_M > 0.99).all()
-    assert S.match_latents(W_dec_HA, W_dec_HB, pair.D_FA, pair.D_FB, min_cos=1.01).recovered_frac == 0.0
+    assert recovery.match_latents(W_dec_HA, W_dec_HB, pair.D_FA, pair.D_FB, min_cos=1.01).recovered_frac == 0.0
 
 
 def _hand_built():
     n_rel_H = torch.tensor([0.95, 0.92, 0.5, 0.05, 0.6, 0.8, 0.02, 0.45])
     truth = ["a_only", "shared", "shared", "b_only", "analogous", "a_only", "a_only", "b_only"]
     idx = torch.arange(7)  # latent i <-> feature i; feature 7 unmatched
-    matches = S.MatchResult(latent_idx_M=idx, feature_idx_M=idx, cos_M=torch.ones(7),
+    matches = recovery.MatchResult(latent_idx_M=idx, feature_idx_M=idx, cos_M=torch.ones(7),
                             feature_to_latent_F=torch.tensor([0, 1, 2, 3, 4, 5, 6, -1]),
                             recovered_frac=7 / 8)
     return n_rel_H, matches, truth
@@ -140,7 +141,7 @@ def _hand_built():
 
 def test_classification_report_by_hand():
     n_rel_H, matches, truth = _hand_built()
-    rep = S.classification_report(n_rel_H, matches, truth)
+    rep = recovery.classification_report(n_rel_H, matches, truth)
     a, b, s = (rep["per_class"][c] for c in ("a_only", "b_only", "shared"))
     assert (a["precision"], a["recall"], a["recall_planted"]) == (0.5, pytest.approx(1 / 3), pytest.approx(1 / 3))
     assert (b["precision"], b["recall"], b["recall_planted"]) == (0.5, 1.0, 0.5)
@@ -150,10 +151,10 @@ def test_classification_report_by_hand():
     assert cal["q50"] == pytest.approx(0.8)
     assert (cal["frac_pred_a_only"], cal["frac_pred_none"]) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
     assert rep["calibration"]["analogous"]["mean"] == pytest.approx(0.6)
-    strict = S.classification_report(n_rel_H, matches, truth, analogous_as=None)["per_class"]["shared"]
+    strict = recovery.classification_report(n_rel_H, matches, truth, analogous_as=None)["per_class"]["shared"]
     assert (strict["precision"], strict["recall"], strict["n_true"]) == (1.0, 0.5, 2)
     with pytest.raises(ValueError, match="thresholds"):
-        S.classification_report(n_rel_H, matches, truth, a_thr=0.6)
+        recovery.classification_report(n_rel_H, matches, truth, a_thr=0.6)
 
 
 @pytest.mark.parametrize("frac_shared, check", [(1.0, lambda v: v > 0.9), (0.0, lambda v: v < 0.2)])
@@ -161,8 +162,8 @@ def test_trained_crosscoder_reads_planted_sharedness(frac_shared, check):
     cfg = S.sweep_configs(tiny_cfg(n_features=48), [frac_shared])[0]
     pair = S.make_pair(cfg, 4000)
     cc_cfg = crosscoder.CrosscoderConfig(d_a=32, d_b=48, dict_size=128)
-    model = S.fit_crosscoder(pair, cc_cfg, steps=300, batch_size=256, lr=2e-3, l1_coeff=1.0, seed=0)
-    value = S.measured_sharedness(model, S.make_pair(cfg, 4000, data_seed=11))
+    model = recovery.fit_crosscoder(pair, cc_cfg, steps=300, batch_size=256, lr=2e-3, l1_coeff=1.0, seed=0)
+    value = recovery.measured_sharedness(model, S.make_pair(cfg, 4000, data_seed=11))
     assert check(value), value
-    assert math.isclose(S.planted_sharedness(cfg), frac_shared)
-    assert S.match_latents(model.W_dec_A, model.W_dec_B, pair.D_FA, pair.D_FB).recovered_frac > 0.9
+    assert math.isclose(recovery.planted_sharedness(cfg), frac_shared)
+    assert recovery.match_latents(model.W_dec_A, model.W_dec_B, pair.D_FA, pair.D_FB).recovered_frac > 0.9

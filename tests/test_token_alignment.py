@@ -1,4 +1,4 @@
-"""Tests for hidden_signatures.token_alignment on byte-level BPE tokenizers trained in the test."""
+"""Tests for hidden_signatures.data.token_alignment on byte-level BPE tokenizers trained in the test."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hidden_signatures.token_alignment import (AlignedChunk, align_positions, align_text, aligned_fraction,
+from hidden_signatures.data.token_alignment import (AlignedChunk, align_positions, align_text, aligned_fraction,
                                                candidate_mask, same_tokenizer, token_end_offsets)
 
 TOPICS = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))

@@ -11,10 +11,12 @@ import pytest
 import torch
 from conftest import save_tiny_model
 
-from hidden_signatures import activations, convergence, crosscoder, io
-from hidden_signatures import train as tr
-from hidden_signatures.crosscoder import CrosscoderConfig
-from hidden_signatures.params import TrainConfig
+from hidden_signatures import io
+from hidden_signatures.crosscoders import convergence, crosscoder
+from hidden_signatures.harvest import activations
+from hidden_signatures.crosscoders import train as tr
+from hidden_signatures.crosscoders.crosscoder import CrosscoderConfig
+from hidden_signatures.crosscoders.train_config import TrainConfig
 
 BATCH, STEPS, H = 32, 40, 64
 

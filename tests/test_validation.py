@@ -1,4 +1,4 @@
-"""Tests for the ruler checks against planted truth (hidden_signatures.validation)."""
+"""Tests for the ruler checks against planted truth (hidden_signatures.validation.studies)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from hidden_signatures import crosscoder, io
-from hidden_signatures import synthetic as S
-from hidden_signatures import validation as V
+from hidden_signatures import io
+from hidden_signatures.crosscoders import crosscoder
+from hidden_signatures.validation import synthetic as S
+from hidden_signatures.validation import studies as V
 
 RECOVERY_KEYS = {"architecture", "seed", "dict_size", "n_live", "ev_a", "ev_b", "recovered_frac",
                  "n_matched", "planted_sharedness", "measured_sharedness", "calibration"} | {

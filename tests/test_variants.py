@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hidden_signatures import crosscoder
-from hidden_signatures import fused_loss, variants  # variants registers the variants
-from hidden_signatures.crosscoder import CrosscoderConfig
+from hidden_signatures.crosscoders import batchtopk, crosscoder, dfc, fused_loss
+from hidden_signatures.crosscoders.crosscoder import CrosscoderConfig
 
 D_A, D_B = 16, 12
 
@@ -48,9 +47,9 @@ def train(model: crosscoder.Crosscoder, x_a: torch.Tensor, x_b: torch.Tensor,
 
 
 def test_variants_are_registered() -> None:
-    assert crosscoder.ARCHITECTURES["batchtopk"] is variants.BatchTopKCrosscoder
-    assert crosscoder.ARCHITECTURES["dfc"] is variants.DedicatedFeatureCrosscoder
-    assert isinstance(crosscoder.build(make_cfg(), seed=1), variants.BatchTopKCrosscoder)
+    assert crosscoder.ARCHITECTURES["batchtopk"] is batchtopk.BatchTopKCrosscoder
+    assert crosscoder.ARCHITECTURES["dfc"] is dfc.DedicatedFeatureCrosscoder
+    assert isinstance(crosscoder.build(make_cfg(), seed=1), batchtopk.BatchTopKCrosscoder)
 
 
 # -- BatchTopK ---------------------------------------------------------------------------------
@@ -151,7 +150,7 @@ SELECTION_CASES = [  # (scores, n_keep): realistic, heavy ties, all kept, fewer 
 @pytest.mark.parametrize("case", range(len(SELECTION_CASES)))
 def test_top_entries_matches_reference(case: int) -> None:
     scores, n_keep = SELECTION_CASES[case]
-    idx = variants.top_entries(scores, n_keep)
+    idx = batchtopk.top_entries(scores, n_keep)
     assert torch.equal(idx, reference_top(scores, n_keep))
     # the set of flatten().topk (the former selection) up to which equal values at the cut are kept
     old = scores.flatten().topk(n_keep, sorted=False)
@@ -162,14 +161,14 @@ def test_top_entries_matches_reference(case: int) -> None:
 
 def test_top_entries_skewed_batch_and_nan() -> None:
     scores = tied_scores(64, 48, 6)
-    scores[::variants.SAMPLE_STRIDE] += 100.0  # the sampled rows hold nearly all the top entries
+    scores[::batchtopk.SAMPLE_STRIDE] += 100.0  # the sampled rows hold nearly all the top entries
     n_keep = 8 * 64
-    assert variants.candidates(scores, n_keep, variants.SAMPLE_STRIDE).numel() == scores.numel()
-    assert torch.equal(variants.top_entries(scores, n_keep), reference_top(scores, n_keep))
+    assert batchtopk.candidates(scores, n_keep, batchtopk.SAMPLE_STRIDE).numel() == scores.numel()
+    assert torch.equal(batchtopk.top_entries(scores, n_keep), reference_top(scores, n_keep))
     scores[7, 3] = float("nan")  # NaN ranks as largest, as in topk
-    idx = variants.top_entries(scores, n_keep)
+    idx = batchtopk.top_entries(scores, n_keep)
     assert idx.numel() == n_keep and 7 * 48 + 3 in idx.tolist()
-    assert variants.top_entries(scores, 0).numel() == 0
+    assert batchtopk.top_entries(scores, 0).numel() == 0
 
 
 def test_batchtopk_loss_matches_plain_formulas() -> None:
@@ -304,7 +303,7 @@ def test_exclusive_agreement_matches_permuted_copy() -> None:
     W_A, W_B = model.W_dec_A.detach(), model.W_dec_B.detach()
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
     plain_A, plain_B = W_A[perm].clone(), W_B[perm].clone()
-    out = variants.exclusive_agreement(part, W_A, W_B, plain_A, plain_B)
+    out = dfc.exclusive_agreement(part, W_A, W_B, plain_A, plain_B)
     assert out["n_plain"] == {"a_excl": 6, "b_excl": 5, "shared": 13}
     assert out["matched_fraction"] == {"a_only": 1.0, "b_only": 1.0, "shared": 1.0}
     assert out["confusion"]["a_only"] == {"a_excl": 6, "b_excl": 0, "shared": 0, "unmatched": 0}
@@ -320,14 +319,14 @@ def test_exclusive_agreement_detects_mismatch() -> None:
     plain_A, plain_B = W_A.clone(), W_B.clone()
     gen = torch.Generator().manual_seed(1)
     plain_B[part["a_only"]] = 2.0 * torch.randn(6, D_B, generator=gen) * W_A[part["a_only"]].norm(dim=1, keepdim=True)
-    out = variants.exclusive_agreement(part, W_A, W_B, plain_A, plain_B)
+    out = dfc.exclusive_agreement(part, W_A, W_B, plain_A, plain_B)
     assert out["n_plain"]["a_excl"] == 0
     assert out["matched_fraction"]["a_only"] == 0.0  # nothing of the same class exists
     assert out["confusion"]["a_only"]["a_excl"] == 0
     assert out["confusion"]["a_only"]["shared"] + out["confusion"]["a_only"]["unmatched"] == 6
     assert out["matched_fraction"]["b_only"] == 1.0
     with pytest.raises(ValueError, match="thresholds"):
-        variants.exclusive_agreement(part, W_A, W_B, plain_A, plain_B, a_thr=0.1, b_thr=0.9)
+        dfc.exclusive_agreement(part, W_A, W_B, plain_A, plain_B, a_thr=0.1, b_thr=0.9)
 
 
 def test_batchtopk_sparse_decode_equals_the_dense_one() -> None:
@@ -345,4 +344,4 @@ def test_batchtopk_sparse_decode_equals_the_dense_one() -> None:
     assert sparse.l0.item() == dense.l0.item() == 4
     for name, grad in g_dense.items():
         torch.testing.assert_close(g_sparse[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert variants.BatchTopKCrosscoder.sparse_below == fused_loss.SPARSE_BELOW
+    assert batchtopk.BatchTopKCrosscoder.sparse_below == fused_loss.SPARSE_BELOW

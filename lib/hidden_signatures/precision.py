@@ -171,6 +171,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto` -> CUDA when present, else CPU; anything else must be a valid torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: {device!r} is not a device; accepted: auto, cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available; use auto or cpu")
+    return dev
+
+
 def summary(device: str | torch.device = "cpu") -> dict:
     """Everything known about the auto choice, timings included (for benchmarks, not for metrics.json)."""
     return asdict(detect(device))
@@ -178,9 +193,7 @@ def summary(device: str | torch.device = "cpu") -> dict:
 
 def main() -> None:
     """Print the start-of-run line for the default device (`python -m hidden_signatures.precision`)."""
-    from . import models
-
-    print(detect(models.pick_device("auto")).line())
+    print(detect(pick_device("auto")).line())
 
 
 if __name__ == "__main__":
