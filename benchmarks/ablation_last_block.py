@@ -60,7 +60,8 @@ def params_for(name: str, change: dict) -> dict:
 SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from hidden_signatures import io, pipeline
+from hidden_signatures import io
+from hidden_signatures.run import pipeline
 run = pipeline.load_run(sys.argv[1])
 layers = pipeline.validate(run)
 pipeline.harvest(run, pipeline.pair_tokens(run), layers)
