@@ -187,7 +187,7 @@ def resolved_train(run: RunConfig, pt: Point) -> TrainConfig:
 
 TRAINER_VERSION = 3
 """Raised when the trainer's behaviour changes (2: stopping rule, L1 control, resampling; 3: centred
-start, resampling budget), so a
+start, lr warm-up, L1 rate 0.03), so a
 crosscoder trained by an earlier version is never reused."""
 
 
