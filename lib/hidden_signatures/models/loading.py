@@ -119,11 +119,16 @@ def convert_packaged(name: str) -> Path:
     return target
 
 
-def resolve_spec(spec: str) -> str:
-    """Turn a spec into what `from_pretrained` takes: a packaged name's cached dir, a dir, or a hub id."""
+def _require_text(spec: str) -> None:
+    """A spec must be a non-empty string; the error lists what would be accepted."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"model spec {spec!r} is empty; give a packaged name "
                              f"({', '.join(PACKAGED)}), a local directory or a hub id")
+
+
+def resolve_spec(spec: str) -> str:
+    """Turn a spec into what `from_pretrained` takes: a packaged name's cached dir, a dir, or a hub id."""
+    _require_text(spec)
     if spec in PACKAGED:
         return str(convert_packaged(spec))
     path = Path(spec).expanduser()
@@ -138,9 +143,7 @@ def resolve_spec(spec: str) -> str:
 
 def check_spec(spec: str) -> None:
     """Cheap validation of a model spec, before any heavy work (no download, no conversion)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelSpecError(f"model spec {spec!r} is empty; give a packaged name "
-                             f"({', '.join(PACKAGED)}), a local directory or a hub id")
+    _require_text(spec)
     if spec in PACKAGED:
         if importlib.util.find_spec(PACKAGED[spec].package) is None:
             raise ModelSpecError(f"model {spec} needs the package {PACKAGED[spec].package}: "
