@@ -65,3 +65,22 @@ def test_no_function_is_long() -> None:
                 if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
                     long[f"{path.relative_to(PACKAGE_ROOT)}:{node.name}"] = n
     assert long == {}
+
+
+def test_same_results_compares_metrics_and_pngs_byte_for_byte(tmp_path) -> None:
+    """tests/same_results.py (the before/after check of a refactor) flags a changed, missing or extra file."""
+    from same_results import differences, digests
+
+    for side in ("before", "after"):
+        (tmp_path / side / "results" / "pair" / "middle").mkdir(parents=True)
+        (tmp_path / side / "results" / "pair" / "middle" / "metrics.json").write_text('{"sharedness": 0.5}')
+        (tmp_path / side / "figures").mkdir()
+        (tmp_path / side / "figures" / "a.png").write_bytes(b"\x89PNG same")
+        (tmp_path / side / "cache").mkdir()
+        (tmp_path / side / "cache" / "x.png").write_bytes(side.encode())  # caches are not results
+    before, after = digests(tmp_path / "before"), digests(tmp_path / "after")
+    assert len(before) == 2 and differences(before, after) == []
+    (tmp_path / "after" / "figures" / "a.png").write_bytes(b"\x89PNG other")
+    (tmp_path / "after" / "figures" / "b.png").write_bytes(b"\x89PNG new")
+    assert differences(before, digests(tmp_path / "after")) == ["differs:     figures/a.png",
+                                                                "only after:  figures/b.png"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 
 import pytest
@@ -209,3 +211,19 @@ def test_model_report_is_measured_once_per_model_files_and_corpus(tiny_llama_dir
     weights.write_bytes(weights.read_bytes())  # rewritten (e.g. a rebuilt model): measured again
     pipeline.model_report(run, str(copy), max_seqs=4)
     assert len(calls) == 2
+
+
+def test_display_name_of_a_made_model_never_holds_a_path(tmp_path) -> None:
+    """Labels in metrics.json and figures name a local base by its directory, so two checkouts' results compare."""
+    from hidden_signatures.run.model_info import display_name
+
+    for root in (tmp_path / "checkout-a", tmp_path / "elsewhere" / "checkout-b"):
+        base = root / "inputs" / "tiny-a"
+        made = root / "cache" / "derived" / "finetune-0123" / "model"
+        base.mkdir(parents=True)
+        made.mkdir(parents=True)
+        (made / "train_config.json").write_text(
+            json.dumps({"info": {"kind": "finetune", "base": str(base)}}), encoding="utf-8")
+        assert display_name(str(made)) == "finetune:tiny-a"
+        assert display_name(str(base)) == "tiny-a"
+    assert display_name("smollm2-135m") == "smollm2-135m"

@@ -19,14 +19,18 @@ REPORTS_DIR = "model-reports"
 
 
 def display_name(spec: str) -> str:
-    """A short model name for tables and figures: packaged name, hub id, made model or dir name."""
+    """A short model name for tables and figures: packaged name, hub id, made model or dir name.
+
+    Never a path: a made model of a local base reads `kind:<base dir name>`, so results written
+    from two checkouts (or two machines) compare byte for byte.
+    """
     path = Path(spec)
     if not path.is_dir():
         return spec
     try:
         info = io.read_json(path / "train_config.json").get("info", {})
         if "kind" in info and "base" in info:
-            return f"{info['kind']}:{info['base']}"
+            return f"{info['kind']}:{display_name(info['base'])}"
     except io.ArtifactError:
         pass
     return path.name
