@@ -30,7 +30,7 @@ from . import convergence, fused_loss, resample
 from . import crosscoder as cc_mod
 from .checkpoints import (CHECKPOINT_DIR, OPTIMIZER_FILE, STATE_FILE,  # noqa: F401  (train.X, as before)
                           remove_checkpoints, resume, save_checkpoint)
-from .evaluate import evaluate, explained_variance, total_variance  # noqa: F401
+from .evaluate import evaluate, total_variance
 from .train_config import TrainConfig
 
 LOG_FILE = "train_log.json"

@@ -18,7 +18,7 @@ from ..checks import choice as _choice
 from ..checks import in_range as _in_range
 from ..checks import positive as _positive
 from ..crosscoders.crosscoder import ARCHITECTURES
-from ..crosscoders.train_config import TrainConfig  # noqa: F401  (params.TrainConfig, as before)
+from ..crosscoders.train_config import TrainConfig
 from ..data.corpus import CorpusConfig
 from .params_build import LayerPair, build, parse_layers  # noqa: F401  (params.X, as before)
 
