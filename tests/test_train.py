@@ -13,6 +13,7 @@ from conftest import save_tiny_model
 
 from hidden_signatures import io
 from hidden_signatures.crosscoders import convergence, crosscoder
+from hidden_signatures.crosscoders.evaluate import explained_variance
 from hidden_signatures.harvest import activations
 from hidden_signatures.crosscoders import train as tr
 from hidden_signatures.crosscoders.crosscoder import CrosscoderConfig
@@ -269,7 +270,7 @@ def test_evaluate_matches_a_direct_computation(reference, data) -> None:
     for side, x, xhat in (("A", x_a, xhat_a), ("B", x_b, xhat_b)):
         ev = result["explained_variance"][side]
         assert -math.inf < ev <= 1
-        assert ev == pytest.approx(tr.explained_variance(x.double(), xhat.double()).item(), rel=1e-5, abs=1e-6)
+        assert ev == pytest.approx(explained_variance(x.double(), xhat.double()).item(), rel=1e-5, abs=1e-6)
     assert result["l0"] == pytest.approx((f > 0).float().sum(1).mean().item())
     assert result["dead_fraction"] == pytest.approx((f.sum(0) == 0).float().mean().item())
 
@@ -284,8 +285,8 @@ def test_evaluate_untrained_model_can_have_negative_explained_variance(data) -> 
 
 def test_explained_variance_of_perfect_and_mean_reconstructions() -> None:
     x = torch.randn(30, 5, dtype=torch.float64)
-    assert tr.explained_variance(x, x).item() == 1.0
-    assert tr.explained_variance(x, x.mean(0).expand_as(x)).item() == pytest.approx(0.0, abs=1e-12)
+    assert explained_variance(x, x).item() == 1.0
+    assert explained_variance(x, x.mean(0).expand_as(x)).item() == pytest.approx(0.0, abs=1e-12)
 
 
 # -- precision: auto trains exactly as the explicit dtype it resolves to -----------------------------
