@@ -33,7 +33,7 @@ import pandas as pd
 from IPython.display import display
 
 from hidden_signatures import io
-from hidden_signatures.analysis import figures, metrics
+from hidden_signatures.analysis import figures, metrics, summary
 from hidden_signatures.models import lm_training
 from hidden_signatures.models import loading as models
 from hidden_signatures.run import derived, distill_report, params, pipeline
@@ -97,6 +97,15 @@ comparison
 # %%
 if hists:
     display(figures.relative_norm_histograms(hists, name_a="teacher", name_b="student", cols=3))
+
+# %% [markdown]
+# ## The verdict, beside the seed floor
+# Each student's crosscoder numbers against the teacher, layer by layer, and whether the KL and the
+# Jacobian student differ by more than twice the seed spread (their own three seeds at the middle
+# layer; elsewhere the largest spread of the whole run).
+
+# %%
+summary.compare_pairs(summary.collect(pipeline.results_root()), run_kl.name, run_jac.name)
 
 # %%
 kl_vs_jac = pipeline.results_root() / "distill-kl-vs-jacobian" / "last" / pipeline.METRICS_FILE

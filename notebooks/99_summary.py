@@ -16,8 +16,8 @@
 # the seed-noise floor a difference between pairs must clear. Beside alignment, its permutation
 # null (the same decoders with B's rows shuffled). Where a pair stands for one of the paper's
 # relationships, the paper's Figure 8 numbers sit beside ours. The `precision` column says whether
-the numbers were computed in bf16 or fp32 (chosen by the hardware, see the README's Speed section).
-Written to `figures/summary/`.
+# the numbers were computed in bf16 or fp32 (chosen by the hardware, see the README's Speed section).
+# Written to `figures/summary/`.
 
 # %% tags=["parameters"]
 quick = False

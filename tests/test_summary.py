@@ -24,3 +24,25 @@ def test_unconverged_rows_are_marked_and_seeds_must_all_converge(tmp_path) -> No
     p_line, q_line = (next(line for line in table.splitlines() if line.startswith(f"| {n} ")) for n in "pq")
     assert "0.50M †" in p_line and "0.30M |" in q_line and "†" not in q_line
     assert "did not converge" in table
+
+
+def _point(pair: str, point: str, layer: str, seed: int, sharedness: float, alignment: float) -> dict:
+    return {**metrics(pair, point, seed, True, 100_000), "layer": layer, "sharedness": sharedness,
+            "alignment": alignment, "cka": 0.5}
+
+
+def test_compare_pairs_uses_the_pairs_own_seed_floor_and_says_which_differ(tmp_path) -> None:
+    points = [("kl", "middle", "middle", 0, 0.80, 0.60), ("kl", "middle-seed1", "middle", 1, 0.82, 0.61),
+              ("jac", "middle", "middle", 0, 0.90, 0.605), ("jac", "middle-seed1", "middle", 1, 0.90, 0.615),
+              ("kl", "last", "last", 0, 0.70, 0.50), ("jac", "last", "last", 0, 0.71, 0.60)]
+    for pair, point, layer, seed, shared, align in points:
+        io.write_json(tmp_path / pair / point / "metrics.json", _point(pair, point, layer, seed, shared, align))
+    table = summary.compare_pairs(summary.collect(tmp_path), "kl", "jac", metrics=("sharedness", "alignment"))
+    got = {(r["layer"], r["metric"]): r for r in table.to_dict("records")}
+    middle_s, middle_a = got[("middle", "sharedness")], got[("middle", "alignment")]
+    assert middle_s["verdict"] == "differ" and abs(middle_s["kl"] - 0.81) < 1e-9  # 0.09 apart, floor 0.014
+    assert middle_a["verdict"] == "within seed noise"  # 0.005 apart, floor 0.007
+    assert middle_a["floor from"] == "these pairs' seeds"
+    last_a = got[("last", "alignment")]  # no seeds at the last layer: the table's largest alignment spread, 0.007
+    assert last_a["floor from"] == "whole table" and last_a["verdict"] == "differ"
+    assert got[("last", "sharedness")]["verdict"] == "within seed noise"  # 0.01 apart, floor 0.014

@@ -174,3 +174,25 @@ def _tokens(tokens, converged) -> str:
     if tokens is None or pd.isna(tokens):
         return ""
     return f"{tokens / 1e6:.2f}M" + ("" if converged else f" {NOT_CONVERGED}")
+
+
+def compare_pairs(frame: pd.DataFrame, pair_a: str, pair_b: str, metrics: tuple[str, ...] = HEADLINE) -> pd.DataFrame:
+    """Two pairs layer by layer (ReLU+L1 crosscoders): each value, their difference, and whether it
+    clears twice the seed floor. The floor is the larger of the two pairs' own seed spreads at that
+    layer where they trained several seeds, else the largest spread of the whole table (`floor from`)."""
+    overall = seed_floor(frame)
+    rows = frame[frame["architecture"] == "relu_l1"].set_index(["pair", "layer"])
+    out = []
+    for layer in LAYER_ORDER:
+        if (pair_a, layer) not in rows.index or (pair_b, layer) not in rows.index:
+            continue
+        a, b = rows.loc[(pair_a, layer)], rows.loc[(pair_b, layer)]
+        for metric in metrics:
+            own = [s for s in (a.get(f"{metric}_spread"), b.get(f"{metric}_spread")) if s is not None and pd.notna(s)]
+            floor, source = (max(own), "these pairs' seeds") if own else (overall.get(metric), "whole table")
+            diff = b[metric] - a[metric]
+            verdict = "no seed floor" if floor is None else (
+                "differ" if abs(diff) > 2 * floor else "within seed noise")
+            out.append({"layer": layer, "metric": metric, pair_a: a[metric], pair_b: b[metric],
+                        "difference (b - a)": diff, "seed floor": floor, "floor from": source, "verdict": verdict})
+    return pd.DataFrame(out)
