@@ -46,3 +46,5 @@ def test_compare_pairs_uses_the_pairs_own_seed_floor_and_says_which_differ(tmp_p
     last_a = got[("last", "alignment")]  # no seeds at the last layer: the table's largest alignment spread, 0.007
     assert last_a["floor from"] == "whole table" and last_a["verdict"] == "differ"
     assert got[("last", "sharedness")]["verdict"] == "within seed noise"  # 0.01 apart, floor 0.014
+    cka = summary.compare_pairs(summary.collect(tmp_path), "kl", "jac", metrics=("cka",)).to_dict("records")
+    assert {r["verdict"] for r in cka} == {"no seed floor"} and cka[0]["floor from"].startswith("none")

@@ -190,6 +190,7 @@ def compare_pairs(frame: pd.DataFrame, pair_a: str, pair_b: str, metrics: tuple[
         for metric in metrics:
             own = [s for s in (a.get(f"{metric}_spread"), b.get(f"{metric}_spread")) if s is not None and pd.notna(s)]
             floor, source = (max(own), "these pairs' seeds") if own else (overall.get(metric), "whole table")
+            source = source if floor is not None else "none (no seed spread of this metric)"
             diff = b[metric] - a[metric]
             verdict = "no seed floor" if floor is None else (
                 "differ" if abs(diff) > 2 * floor else "within seed noise")
