@@ -32,7 +32,7 @@ from benchmarks.harvest import bench_harvest
 from benchmarks.matmul import bench_matmul
 from benchmarks.report import EMULATE_AVX2, load_average, machine_info, to_markdown
 from benchmarks.steps import bench_distill, bench_sparsity, bench_step, bench_threads
-from benchmarks.timing import Precision, say, timed
+from benchmarks.timing import DIGITS, Precision, say, timed
 from hidden_signatures import io, precision
 
 RESULTS_STEM = "results"
@@ -83,7 +83,7 @@ def run(cfg: BenchConfig, out_dir: Path, stem: str = RESULTS_STEM, parts: tuple[
             say(f"{label} done in {seconds:.0f} s")
     results["skipped"] = prec.skipped or []
     results["machine"]["load_average_end"] = load_average()
-    io.write_json(out_dir / f"{stem}.json", results, digits=4)
+    io.write_json(out_dir / f"{stem}.json", results, digits=DIGITS)
     io.write_text(out_dir / f"{stem}.md", to_markdown(results))
     return results
 

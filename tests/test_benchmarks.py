@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ sits beside lib/, at the project ro
 
 from benchmarks import run as bench  # noqa: E402
 from benchmarks import steps  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from hidden_signatures import io, precision  # noqa: E402
 from hidden_signatures.harvest import activations  # noqa: E402
 from hidden_signatures.crosscoders import crosscoder as cc_mod  # noqa: E402
@@ -44,6 +45,16 @@ def tiny_bench(model_dir) -> bench.BenchConfig:
 
 def names(results: dict, prefix: str) -> list[str]:
     return [e["name"] for e in results["ratios"] if e["name"].startswith(prefix)]
+
+
+def test_met_is_judged_on_the_ratio_as_written():
+    """A ratio of 0.99998 is written as 1.0: against a target of 1.0 the row must say met, and it must
+    be written that way (CI once saw `met: false` beside `ratio: 1.0`)."""
+    entry = timing.ratio_entry("tie", [1.00002], [1.0], 1.0)
+    assert entry["ratio"] == 1.0 and entry["met"] is True
+    assert io._clean(entry, timing.DIGITS)["ratio"] == entry["ratio"]
+    below = timing.ratio_entry("below", [1.001], [1.0], 1.0)
+    assert below["ratio"] == 0.999 and below["met"] is False
 
 
 @pytest.mark.parametrize("chosen", ["bfloat16", "float32"])
