@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from benchmarks.config import BENCH_LR, L1_COEFF, BenchConfig
 from benchmarks.timing import Precision, ratio_entry, say, time_interleaved
 from hidden_signatures.crosscoders import crosscoder as cc_mod
+from hidden_signatures.crosscoders import sparse_probe
 from hidden_signatures.models import distill, finetune, lm_training
 from hidden_signatures.models import loading as models
 from hidden_signatures.crosscoders import train as train_mod
@@ -203,8 +204,9 @@ def bench_step(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
     entries.append(ratio_entry(f"training step ({tag}): ours ({prec.short}) vs the bare {prec.short} "
                                "matmuls of the same step", times[ours], times["bound"], 0.6))
     density = checks["trained_density"]
+    below = sparse_below_here(cfg.d_a, cfg.d_b, cfg.dict_size, cfg.batch_size, prec)
     entries.append(ratio_entry(f"training step at trained L0 {checks['trained_l0_measured']:.0f} of "
-                               f"{cfg.dict_size} ({tag}): ours (sparse below {TrainConfig.sparse_below:g}) vs "
+                               f"{cfg.dict_size} ({tag}): ours (sparse below {below:g}, auto) vs "
                                "the dense fused step", times["ours at trained L0"], times["dense at trained L0"],
                                2.0))
     entries.append(ratio_entry("training step at trained L0: ours vs autograd with a sparse decoder",
@@ -216,8 +218,13 @@ def bench_step(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
                                        times[name], times[ours], 1.0))
     checks.update(step_compile_timed=cfg.compile, step_precision=prec.short,
                   step_ours_autocast=fns[ours].autocast, step_bound_dtype=fns["bound"].dtype,
-                  trained_step_sparse=density < TrainConfig.sparse_below)
+                  trained_step_sparse=density < below, sparse_below_auto=below)
     return entries, checks
+
+
+def sparse_below_here(d_a: int, d_b: int, dict_size: int, batch: int, prec: Precision) -> float:
+    """What the trainer's `sparse_below: auto` resolves to at this shape and precision (probed once, cached)."""
+    return sparse_probe.resolve(TrainConfig.sparse_below, d_a, d_b, dict_size, batch, getattr(torch, prec.chosen))
 
 
 # -- 2b. the default run's shape: dense vs bound, and where sparse stops paying ----------------------
@@ -258,7 +265,7 @@ def bench_sparsity(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]
                                "(decode_active) vs decode(f)", times["batchtopk sparse"], times["batchtopk dense"],
                                1.0))
     return entries, {"sparse_crossover_density": crossover(ratios), "sparse_ratio_by_density": ratios,
-                     "sparse_below_default": TrainConfig.sparse_below}
+                     "sparse_below_auto_run_shape": sparse_below_here(d, d, H, batch, prec)}
 
 
 def crossover(ratio_by_density: dict[float, float]) -> float | None:

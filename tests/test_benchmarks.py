@@ -95,6 +95,7 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     assert results["checks"]["step_ours_autocast"] is False  # ours is the fused step: it casts, no autocast
     assert results["checks"]["step_bound_dtype"] == chosen
     assert results["checks"]["trained_step_sparse"] is False  # L0 8 of 64 (0.125) is above sparse_below: dense
+    assert results["checks"]["sparse_below_auto"] == results["checks"]["sparse_below_auto_run_shape"] == 0.05  # pinned
 
     # the new row: bf16 vs fp32 matmul at the default run's shape and at the paper-sized step's
     matmul = names(results, "matmul ")

@@ -86,10 +86,11 @@ def test_path_follows_the_density_threshold(monkeypatch) -> None:
     assert len(built) == 1
 
 
-def test_the_params_default_is_the_library_default() -> None:
+def test_the_params_default_is_the_fused_step_with_a_measured_threshold() -> None:
+    from hidden_signatures.crosscoders import sparse_probe
     from hidden_signatures.crosscoders.train_config import TrainConfig
 
-    assert TrainConfig.sparse_below == fused_loss.SPARSE_BELOW and TrainConfig.step == "fused"
+    assert TrainConfig.sparse_below == sparse_probe.AUTO and TrainConfig.step == "fused"
 
 
 def test_sparse_step_is_bit_identical_when_repeated() -> None:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import SPARSE_PIN
 from hidden_signatures import precision
 from hidden_signatures.models import lm_training
 from hidden_signatures.run import derived, params, pipeline
 
+DATA = SimpleNamespace(d_a=16, d_b=24)
+"""Stands for the paired activations: the widths the sparse threshold would be probed at."""
 AMX = {"capability": "AVX512", "amx": True, "avx512_bf16": True}
 AVX2 = {"capability": "AVX2", "amx": False, "avx512_bf16": False}
 AVX512_NO_BF16 = {"capability": "AVX512", "amx": False, "avx512_bf16": False}
@@ -133,8 +137,9 @@ def test_pipeline_resolves_auto(monkeypatch, feats, expected) -> None:
     assert run.harvest.dtype == "auto" and run.train.dtype == "auto"
     assert pipeline.harvest_dtype(run) == expected
     pt = pipeline.point(run, "first")
-    assert pipeline.resolved_train(run, pt).dtype == expected
-    assert pipeline.precision_record(run, pt)["train"] == expected
+    assert pipeline.resolved_train(run, pt, DATA).dtype == expected
+    record = pipeline.precision_record(run, pt, DATA)
+    assert record["train"] == expected and record["train_sparse_below"] == float(SPARSE_PIN)
 
 
 @pytest.mark.parametrize("feats", [AMX, AVX2])
@@ -142,7 +147,7 @@ def test_pipeline_keeps_explicit_params(monkeypatch, feats) -> None:
     machine(monkeypatch, feats)
     run = tiny_params(harvest={"dtype": "float32"}, train={"dtype": "bfloat16"})
     assert pipeline.harvest_dtype(run) == "float32"
-    assert pipeline.resolved_train(run, pipeline.point(run, "first")).dtype == "bfloat16"
+    assert pipeline.resolved_train(run, pipeline.point(run, "first"), DATA).dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("feats, expected", [(AMX, torch.bfloat16), (AVX2, None)])
@@ -172,8 +177,20 @@ def test_training_key_changes_with_the_resolved_precision(monkeypatch) -> None:
     for feats in (AMX, AVX2):
         machine(monkeypatch, feats)
         precision._detect_cpu.cache_clear()
-        resolved.append(pipeline.resolved_train(run, pt))
+        resolved.append(pipeline.resolved_train(run, pt, DATA))
     assert resolved[0].dtype == "bfloat16" and resolved[1].dtype == "float32"
+
+
+def test_resolved_train_carries_the_sparse_threshold(monkeypatch) -> None:
+    """sparse_below: auto is resolved into the settings the training key hashes (a crosscoder trained on
+    the other path is not reused); variants, which never take the fused step, keep it as given."""
+    run = tiny_params()
+    pt = pipeline.point(run, "first")
+    for pin in ("0.05", "0"):
+        monkeypatch.setenv("HIDDEN_SIGNATURES_SPARSE_BELOW", pin)
+        assert pipeline.resolved_train(run, pt, DATA).sparse_below == float(pin)
+    variant = tiny_params(crosscoder={"architecture": "batchtopk"})
+    assert pipeline.resolved_train(variant, pipeline.point(variant, "first"), DATA).sparse_below == "auto"
 
 
 def test_start_line_is_printed() -> None:

@@ -129,7 +129,7 @@ def _feature_note(feats: dict) -> str:
 def bf16_speedup(feats: dict | None = None) -> float:
     """fp32 / bf16 time of the micro-benchmark matmul, measured once per machine and thread count, cached."""
     feats = feats or cpu_features()
-    key = io.config_hash({"cpu": _cpu_name(), "features": feats, "torch": torch.__version__,
+    key = io.config_hash({"cpu": cpu_name(), "features": feats, "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "shape": MATMUL_SHAPE})
     path = io.cache_root() / CACHE_DIR / f"{key}.json"
     try:
@@ -137,7 +137,7 @@ def bf16_speedup(feats: dict | None = None) -> float:
     except (io.ArtifactError, KeyError, TypeError, ValueError):
         pass
     speedup = round(matmul_time("float32") / matmul_time("bfloat16"), 3)
-    io.write_json(path, {"bf16_speedup": speedup, "cpu": _cpu_name(), **feats,
+    io.write_json(path, {"bf16_speedup": speedup, "cpu": cpu_name(), **feats,
                          "threads": torch.get_num_threads(), "shape": list(MATMUL_SHAPE)})
     return speedup
 
@@ -159,7 +159,7 @@ def matmul_time(dtype: str, shape: tuple[int, int, int] = MATMUL_SHAPE, repeats:
     return sorted(times)[len(times) // 2]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

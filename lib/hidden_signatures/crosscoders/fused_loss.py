@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from .crosscoder import Crosscoder, LossParts
 
 SPARSE_BELOW = 0.05
-"""Default: a batch whose share of active (token, latent) pairs is below this takes the sparse
-path (measured by `bash run_all.sh bench`: the "sparse step" rows; see the README, Speed)."""
+"""This function's default and BatchTopK's: a batch whose share of active (token, latent) pairs is
+below this takes the sparse path. The trainer's `train.sparse_below: auto` measures the crossover
+on the machine instead (sparse_probe.py; README, Speed)."""
 
 
 def supports(model: torch.nn.Module) -> bool:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import io, precision, process_group
 from ..harvest.store import PairedActivations
-from . import convergence, fused_loss, resample
+from . import convergence, fused_loss, resample, sparse_probe
 from . import crosscoder as cc_mod
 from .checkpoints import (CHECKPOINT_DIR, OPTIMIZER_FILE, STATE_FILE,  # noqa: F401  (train.X, as before)
                           remove_checkpoints, resume, save_checkpoint)
@@ -77,13 +77,13 @@ class LossModule(nn.Module):
     returns latents and reconstructions, not the loss (whose L1 term also reads the decoder norms).
     """
 
-    def __init__(self, crosscoder: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device):
+    def __init__(self, crosscoder: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device, world: int = 1):
         super().__init__()
         self.crosscoder = crosscoder
         self.dtype = precision.torch_dtype(cfg.dtype, device)
         self.bf16 = self.dtype == torch.bfloat16
         self.fused = cfg.step == "fused" and fused_loss.supports(crosscoder)
-        self.sparse_below = cfg.sparse_below
+        self.sparse_below = resolve_sparse_below(crosscoder, cfg, device, world) if self.fused else 0.0
 
     def forward(self, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: float) -> cc_mod.LossParts:
         if self.fused:
@@ -92,9 +92,17 @@ class LossModule(nn.Module):
             return self.crosscoder.loss(x_NA, x_NB, l1_coeff)
 
 
-def _loss_fn(model: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device):
+def resolve_sparse_below(crosscoder: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device, world: int = 1) -> float:
+    """cfg.sparse_below with auto measured at this crosscoder's shape, one process's share of the batch
+    and the step's precision (sparse_probe.py)."""
+    c = crosscoder.cfg
+    return sparse_probe.resolve(cfg.sparse_below, c.d_a, c.d_b, c.dict_size, max(1, cfg.batch_size // world),
+                                precision.torch_dtype(cfg.dtype, device), device)
+
+
+def _loss_fn(model: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device, world: int = 1):
     """The step's loss in one process; the same through DistributedDataParallel in a process group."""
-    module = LossModule(model, cfg, device)
+    module = LossModule(model, cfg, device, world)
     if not process_group.active():
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -128,7 +136,7 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
     step, log, curve, control = resume(model, opt, out_dir / CHECKPOINT_DIR, l1_coeff)
     if step == 0 and cfg.centre_init:
         centre_start(model, data, cfg, device)
-    loss_fn = _loss_fn(model, cfg, device)
+    loss_fn = _loss_fn(model, cfg, device, world)
     fired_since = torch.zeros(model.cfg.dict_size, dtype=torch.long, device=device)
     window = dict.fromkeys(LOG_KEYS, 0.0) | {"n": 0}
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .. import precision
 from ..checks import ParamsError, choice, in_range, positive
-from .fused_loss import SPARSE_BELOW
+from . import sparse_probe
 
 STEPS = ("fused", "autograd")
 
@@ -43,9 +43,10 @@ class TrainConfig:
     """How the ReLU+L1 crosscoder's step is computed: fused (a hand-written forward and backward,
     dense or, below train.sparse_below, over the fired latents only) or autograd (through
     Crosscoder.loss). Variants (batchtopk, dfc) always use autograd."""
-    sparse_below: float = SPARSE_BELOW
+    sparse_below: float | str = sparse_probe.AUTO
     """A batch whose share of active (token, latent) pairs is below this takes the sparse step
-    (0 never, 1 always); measured by `bash run_all.sh bench` (README, Speed)."""
+    (0 never, 1 always); auto: where the sparse step is measured to pay on this machine, at the
+    run's shape and precision (sparse_probe.py, cached; README, Speed)."""
     target_l0: int | None = None
     """Steer the L1 weight during training so the batch L0 settles here (crosscoder.l1_coeff is the
     starting value); None keeps the L1 weight fixed after its warm-up. BatchTopK's L0 is its k."""
@@ -92,7 +93,10 @@ class TrainConfig:
         positive("train.log_every", self.log_every)
         choice("train.dtype", self.dtype, precision.SETTINGS)
         choice("train.step", self.step, STEPS)
-        in_range("train.sparse_below", self.sparse_below, 0.0, 1.0)
+        try:
+            sparse_probe.check("train.sparse_below", self.sparse_below)
+        except sparse_probe.SparseBelowError as exc:
+            raise ParamsError(str(exc)) from None
         if self.target_l0 is not None:
             positive("train.target_l0", self.target_l0)
         in_range("train.l1_rate", self.l1_rate, 0.0, 1.0)

@@ -16,6 +16,7 @@ import torch
 
 from .. import io, precision
 from ..crosscoders import crosscoder as cc_mod
+from ..crosscoders import sparse_probe
 from ..crosscoders import train as train_mod
 from ..data import corpus
 from ..harvest import activations
@@ -152,10 +153,12 @@ def harvest_dtype(run: RunConfig) -> str:
     return precision.resolve(run.harvest.dtype, models.pick_device(run.device))
 
 
-def precision_record(run: RunConfig, pt: "Point") -> dict:
-    """What metrics.json records of the precision: dtypes used and the machine facts behind auto."""
+def precision_record(run: RunConfig, pt: "Point", data: activations.PairedActivations) -> dict:
+    """What metrics.json records of the precision: dtypes used, the sparse step's threshold and the
+    machine facts behind auto."""
     device = models.pick_device(run.device)
-    return {"harvest": harvest_dtype(run), "train": precision.resolve(pt.train.dtype, device),
+    train = resolved_train(run, pt, data)
+    return {"harvest": harvest_dtype(run), "train": train.dtype, "train_sparse_below": train.sparse_below,
             **precision.detect(device).record()}
 
 
@@ -180,9 +183,17 @@ def crosscoder_config(settings: CrosscoderSettings, data: activations.PairedActi
                                    k=s.k, dfc_sizes=dict(s.dfc_sizes), dead_after_tokens=s.dead_after_tokens)
 
 
-def resolved_train(run: RunConfig, pt: Point) -> TrainConfig:
-    """The point's training settings with `dtype: auto` replaced by what this device computes fastest."""
-    return dataclasses.replace(pt.train, dtype=precision.resolve(pt.train.dtype, models.pick_device(run.device)))
+def resolved_train(run: RunConfig, pt: Point, data: activations.PairedActivations) -> TrainConfig:
+    """The point's training settings with `dtype: auto` and `sparse_below: auto` replaced by what this
+    device computes fastest (sparse_below steers only the fused ReLU+L1 step; variants keep it as given)."""
+    device = models.pick_device(run.device)
+    train = dataclasses.replace(pt.train, dtype=precision.resolve(pt.train.dtype, device))
+    if pt.crosscoder.architecture != "relu_l1" or train.step != "fused":
+        return train
+    batch = max(1, train.batch_size // rank_world()[1])  # one process's share, as LossModule probes it
+    below = sparse_probe.resolve(train.sparse_below, data.d_a, data.d_b, pt.crosscoder.dict_size, batch,
+                                 precision.torch_dtype(train.dtype, device), device)
+    return dataclasses.replace(train, sparse_below=below)
 
 
 TRAINER_VERSION = 3
@@ -197,7 +208,7 @@ def training_key(run: RunConfig, pt: Point, data: activations.PairedActivations)
                            "layers": [data.layer_a, data.layer_b], "eval_fraction": run.harvest.eval_fraction,
                            "eval_split": activations.EVAL_SPLIT,
                            "max_norm_ratio": run.harvest.max_norm_ratio, "crosscoder": asdict(pt.crosscoder),
-                           "train": asdict(resolved_train(run, pt))})
+                           "train": asdict(resolved_train(run, pt, data))})
 
 
 def train_layer(run: RunConfig, name: str, data: activations.PairedActivations | None = None) -> Path:
@@ -212,7 +223,7 @@ def train_layer(run: RunConfig, name: str, data: activations.PairedActivations |
     if lead:
         _clear_stale(out, key)
     model = cc_mod.build(crosscoder_config(pt.crosscoder, data), seed=pt.seed)
-    train_mod.train(model, data, resolved_train(run, pt), pt.crosscoder.l1_coeff, out,
+    train_mod.train(model, data, resolved_train(run, pt, data), pt.crosscoder.l1_coeff, out,
                     device=models.pick_device(run.device), desc=f"{run.name}/{name}")  # starts with a barrier
     if lead:
         io.write_json(out / RUN_FILE, {"training_key": key, "run": run.to_dict(),

@@ -83,7 +83,7 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
         "svcca": metrics.svcca(x_a.double(), x_b.double()),
         "aligned_fraction": 1.0 if aligned_fraction is None else aligned_fraction,
         "paper_mean_n_rel": float(n_rel[live].mean()) if live.any() else None,
-        "precision": pipeline.precision_record(run, pt),
+        "precision": pipeline.precision_record(run, pt, data),
     }
     if data.d_a == data.d_b:
         cos = metrics.shared_cosines(W_A[live], W_B[live], a.shared_low, a.shared_high)
