@@ -100,6 +100,9 @@ def test_auto_measures_once_then_reads_the_cache(unpinned, monkeypatch) -> None:
     assert sparse_probe.resolve("auto", **SHAPE, dtype=torch.float32) == below
     with pytest.raises(RuntimeError, match="probed"):  # another shape is another measurement
         sparse_probe.resolve("auto", **{**SHAPE, "dict_size": 256}, dtype=torch.float32)
+    monkeypatch.setattr(sparse_probe.fused_loss, "STEP_VERSION", sparse_probe.fused_loss.STEP_VERSION + 1)
+    with pytest.raises(RuntimeError, match="probed"):  # so is a step whose speed has changed
+        sparse_probe.resolve("auto", **SHAPE, dtype=torch.float32)
 
 
 def test_a_corrupt_cache_is_measured_again(unpinned, monkeypatch) -> None:

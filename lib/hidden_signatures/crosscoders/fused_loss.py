@@ -27,6 +27,11 @@ below this takes the sparse path. The trainer's `train.sparse_below: auto` measu
 on the machine instead (sparse_probe.py; README, Speed)."""
 
 
+STEP_VERSION = 2
+"""Raised when either path's speed changes (2: the sparse backward runs latent-major, no weight-sized
+transposes or casts), so sparse_probe's cached crossovers of an older step are measured again."""
+
+
 def supports(model: torch.nn.Module) -> bool:
     """True for the plain ReLU+L1 crosscoder (variants change the encoder or decoder and keep autograd)."""
     return type(model) is Crosscoder
@@ -54,21 +59,16 @@ class _Sparse:
         self.vals = f_NH.view(-1)[flat].float()
         self.crow = row_starts(self.row, N)
         self.by_latent = torch.argsort(self.col, stable=True)
-        self.crow_T = row_starts(self.col[self.by_latent], H)
-        self.row_T = self.row[self.by_latent]
-
-    def csr(self, vals: torch.Tensor) -> torch.Tensor:
-        """[N, H] CSR with these values at the fired pairs (the pattern of the SDDMM)."""
-        return _csr(self.crow, self.col, vals, self.shape)
+        self.col_T, self.row_T = self.col[self.by_latent], self.row[self.by_latent]  # latent-major
+        self.crow_T = row_starts(self.col_T, H)
 
     def product(self, vals: torch.Tensor, W_HD: torch.Tensor) -> torch.Tensor:
         """[N, D] = F @ W, F the [N, H] matrix with `vals` at the fired pairs (an embedding bag per token)."""
         return F.embedding_bag(self.col, W_HD, self.crow[:-1], mode="sum", per_sample_weights=vals)
 
-    def product_T(self, vals: torch.Tensor, X_ND: torch.Tensor) -> torch.Tensor:
-        """[H, D] = F^T @ X, `vals` in token order (an embedding bag per latent)."""
-        return F.embedding_bag(self.row_T, X_ND, self.crow_T[:-1], mode="sum",
-                               per_sample_weights=vals[self.by_latent])
+    def bag_T(self, vals_latent_major: torch.Tensor, X_ND: torch.Tensor) -> torch.Tensor:
+        """[H, D] = F^T @ X, `vals` in latent-major order (an embedding bag per latent)."""
+        return F.embedding_bag(self.row_T, X_ND, self.crow_T[:-1], mode="sum", per_sample_weights=vals_latent_major)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -129,8 +129,12 @@ class _FusedLoss(torch.autograd.Function):
                                                         ctx.dtype)
         # the L1 term's pull on the decoder norms: l1 / N * sum_n f_ni * d_i / |d_i|
         scale_H = (go * ctx.l1 / N) * f_sum_H
-        dW_dec_A = dW_dec[0].float() + W_dec_A * (scale_H / norm_a.clamp_min(1e-12))[:, None]
-        dW_dec_B = dW_dec[1].float() + W_dec_B * (scale_H / norm_b.clamp_min(1e-12))[:, None]
+        pull = [(scale_H / norm.clamp_min(1e-12))[:, None] for norm in (norm_a, norm_b)]
+        if ctx.sparse is None:
+            dW_dec_A = dW_dec[0].float() + W_dec_A * pull[0]
+            dW_dec_B = dW_dec[1].float() + W_dec_B * pull[1]
+        else:  # fp32 already and ours: one in-place pass instead of a cast, a product and a sum
+            dW_dec_A, dW_dec_B = dW_dec[0].addcmul_(W_dec_A, pull[0]), dW_dec[1].addcmul_(W_dec_B, pull[1])
         return (None, None, dW_enc[0].float(), dW_enc[1].float(), db_enc_H, dW_dec_A, dW_dec_B,
                 g[0].sum(0), g[1].sum(0), None, None, None, None)
 
@@ -145,13 +149,25 @@ def _dense_backward(xc, f_NH, W_dec, g, l1_H, dtype):
 
 
 def _sparse_backward(sp: _Sparse, xc, W_dec, g, l1_H, dtype):
-    """The same gradients from the fired pairs only: SDDMM for d f, embedding bags for the weights."""
-    pattern = sp.csr(torch.zeros_like(sp.vals))
-    g_vals = l1_H[sp.col]
-    for gm, W in zip(g, W_dec):  # d total / d f at the fired pairs: g_n . d_i, plus the L1 term
-        g_vals += torch.sparse.sampled_addmm(pattern, gm, W.detach().T.contiguous()).values()
-    vals, g_vals_c = sp.vals.to(dtype), g_vals.to(dtype)
-    dW_dec = [sp.product_T(vals, gm.to(dtype)) for gm in g]
-    dW_enc = [sp.product_T(g_vals_c, x).T for x in xc]
-    db_enc_H = torch.zeros_like(l1_H).index_add_(0, sp.col, g_vals)
+    """The same gradients from the fired pairs only: SDDMM for d f, embedding bags for the weights.
+
+    Everything runs in the latent-major order of the fired pairs, so the SDDMM reads the decoder as
+    stored ([H, D] @ g^T [D, N]) and no weight-sized tensor is transposed; the decoder gradients come
+    out in fp32 (no weight-sized cast). Only the encoder gradients pay one transposing copy, into the
+    encoder's [D, H] layout."""
+    N, H = sp.shape
+    pattern = _csr(sp.crow_T, sp.row_T, torch.zeros_like(sp.vals), (H, N))
+    g_vals = l1_H[sp.col_T]  # d total / d f at the fired pairs, latent-major: the L1 term
+    for gm, W in zip(g, W_dec):  # ... plus g_n . d_i
+        g_vals += torch.sparse.sampled_addmm(pattern, W.detach(), gm.T.contiguous()).values()
+    vals = sp.vals[sp.by_latent]
+    dW_dec = [sp.bag_T(vals, gm) for gm in g]
+    dW_enc = [_transposed_fp32(sp.bag_T(g_vals.to(dtype), x)) for x in xc]
+    db_enc_H = torch.zeros_like(l1_H).index_add_(0, sp.col_T, g_vals)
     return dW_enc, db_enc_H, dW_dec
+
+
+def _transposed_fp32(t_HD: torch.Tensor) -> torch.Tensor:
+    """t^T as a contiguous fp32 [D, H] tensor in one pass (`.T.float()` would keep the transposed
+    strides, and autograd would copy again to lay the gradient out like its parameter)."""
+    return torch.empty(t_HD.shape[::-1], dtype=torch.float32, device=t_HD.device).copy_(t_HD.T)

@@ -7,7 +7,7 @@ more than on the code: on an AMX CPU a bf16 matmul is so cheap that at the defau
 sparse step wins below a few percent density. So `auto` times both paths here, at the run's shape
 and precision, on a ladder of densities (from the sparsest up, stopping where sparse stops paying),
 and takes the densest rung where the sparse step is at least MIN_GAIN faster (0: never sparse).
-The result is cached per machine, torch version, thread count, shape and precision (like
+The result is cached per machine, torch version, thread count, step version, shape and precision (like
 precision.py's bf16 probe), so reruns take the same paths and stay byte-identical.
 HIDDEN_SIGNATURES_SPARSE_BELOW=<number in [0, 1]> pins it (the test suite does: a timing-dependent
 path would make tiny-model runs depend on the machine's load).
@@ -16,7 +16,6 @@ path would make tiny-model runs depend on the machine's load).
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from typing import Callable
 
@@ -32,7 +31,9 @@ DENSITIES = (0.002, 0.004, 0.008, 0.016, 0.031, 0.0625)
 """Densities probed (share of (token, latent) pairs that fire): L0 8 to 256 of H 4096."""
 MIN_GAIN = 1.1
 """The sparse step is used up to the densest rung where it is at least this much faster than dense."""
-REPEATS = 3
+MIN_REPEATS, MAX_REPEATS = 2, 9
+RUNG_SECONDS = 1.5
+"""Repeats per rung: as many as fit in about this many seconds of each path, within the bounds above."""
 PROBE_L1 = 0.5
 
 
@@ -73,6 +74,7 @@ def measured(d_a: int, d_b: int, dict_size: int, batch: int, dtype: torch.dtype,
     """The probe's record for this shape and precision: read from the cache, else measured and cached."""
     shape = {"d_a": d_a, "d_b": d_b, "dict_size": dict_size, "batch": batch}
     facts = {"machine": _machine(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "step_version": fused_loss.STEP_VERSION,
              "dtype": str(dtype).removeprefix("torch."), **shape}
     path = io.cache_root() / precision.CACHE_DIR / f"sparse-{io.config_hash(facts)}.json"
     with io.file_lock(path):  # processes of one run probing the same shape: the second reads the first's
@@ -110,14 +112,13 @@ def probe(d_a: int, d_b: int, dict_size: int, batch: int, dtype: torch.dtype,
         if density * dict_size < 1:
             continue
         set_density(model, x_NA, x_NB, density)
-        times = {below: [] for below in (1.0, 0.0)}
-        steps = {below: _step(model, x_NA, x_NB, dtype, below) for below in times}
-        for below, step in steps.items():
-            step()  # warm-up
-        for _ in range(REPEATS):
+        steps = {below: _step(model, x_NA, x_NB, dtype, below) for below in (1.0, 0.0)}
+        warm = max(_timed(step, device) for step in steps.values())  # also the warm-up
+        times: dict[float, list[float]] = {below: [] for below in steps}
+        for _ in range(max(MIN_REPEATS, min(MAX_REPEATS, int(RUNG_SECONDS / max(warm, 1e-6))))):
             for below, step in steps.items():
                 times[below].append(_timed(step, device))
-        gains[density] = statistics.median(times[0.0]) / statistics.median(times[1.0])
+        gains[density] = min(times[0.0]) / min(times[1.0])  # load only ever adds time: the fastest repeats
         if gains[density] < MIN_GAIN:
             break
     return gains
