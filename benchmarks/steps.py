@@ -37,7 +37,8 @@ BATCHTOPK_K = 32
 def library_step(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, x_NA: torch.Tensor, x_NB: torch.Tensor,
                  **train: object) -> Callable[[], None]:
     """One step exactly as train.py takes it (LossModule over TrainConfig(**train)), then Adam."""
-    loss = train_mod.LossModule(model, TrainConfig(tokens=1, batch_size=1, **train), torch.device("cpu"))
+    batch = x_NA.shape[0]  # sparse_below: auto is probed at the step's real batch
+    loss = train_mod.LossModule(model, TrainConfig(tokens=batch, batch_size=batch, **train), torch.device("cpu"))
 
     def step() -> None:
         parts = loss(x_NA, x_NB, L1_COEFF)
@@ -46,6 +47,7 @@ def library_step(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, x_NA: tor
         opt.step()
 
     step.autocast = loss.bf16 and not loss.fused  # recorded: whether this step ran under bf16 autocast
+    step.sparse_below = loss.sparse_below  # recorded: the threshold this step used (auto resolved)
     return step
 
 
@@ -204,7 +206,7 @@ def bench_step(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
     entries.append(ratio_entry(f"training step ({tag}): ours ({prec.short}) vs the bare {prec.short} "
                                "matmuls of the same step", times[ours], times["bound"], 0.6))
     density = checks["trained_density"]
-    below = sparse_below_here(cfg.d_a, cfg.d_b, cfg.dict_size, cfg.batch_size, prec)
+    below = fns["ours at trained L0"].sparse_below  # what the trainer's auto resolved to at this shape
     entries.append(ratio_entry(f"training step at trained L0 {checks['trained_l0_measured']:.0f} of "
                                f"{cfg.dict_size} ({tag}): ours (sparse below {below:g}, auto) vs "
                                "the dense fused step", times["ours at trained L0"], times["dense at trained L0"],
