@@ -2,9 +2,10 @@
 
 The fused ReLU+L1 step has two paths (fused_loss.py): dense matmuls over every latent, or
 gathers and embedding bags over the latents that fired. Which is faster depends on the hardware
-more than on the code: on an AMX CPU a bf16 matmul is so cheap that at the default run's shape
-(H 4096, batch 512) the dense step beats the sparse one at every trained L0, while on fp32 CPUs the
-sparse step wins below a few percent density. So `auto` times both paths here, at the run's shape
+as much as on the code: on an AMX CPU a bf16 matmul is so cheap that at the default run's shape
+(H 4096, batch 512) the sparse step of STEP_VERSION 1 lost to the dense one at every trained L0, and
+the present one wins there only below a few percent density, by 1.2x to 1.8x and by less at two
+threads than at one; on fp32 CPUs the sparse step wins by more. So `auto` times both paths here, at the run's shape
 and precision, on a ladder of densities (from the sparsest up, stopping where sparse stops paying),
 and takes the densest rung where the sparse step is at least MIN_GAIN faster (0: never sparse).
 The result is cached per machine, torch version, thread count, step version, shape and precision (like
