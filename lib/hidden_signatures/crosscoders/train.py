@@ -83,7 +83,8 @@ class LossModule(nn.Module):
         self.dtype = precision.torch_dtype(cfg.dtype, device)
         self.bf16 = self.dtype == torch.bfloat16
         self.fused = cfg.step == "fused" and fused_loss.supports(crosscoder)
-        self.sparse_below = resolve_sparse_below(crosscoder, cfg, device, world) if self.fused else 0.0
+        c = crosscoder.cfg
+        self.sparse_below = resolve_sparse_below(cfg, c.d_a, c.d_b, c.dict_size, device, world) if self.fused else 0.0
 
     def forward(self, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: float) -> cc_mod.LossParts:
         if self.fused:
@@ -92,11 +93,11 @@ class LossModule(nn.Module):
             return self.crosscoder.loss(x_NA, x_NB, l1_coeff)
 
 
-def resolve_sparse_below(crosscoder: cc_mod.Crosscoder, cfg: TrainConfig, device: torch.device, world: int = 1) -> float:
-    """cfg.sparse_below with auto measured at this crosscoder's shape, one process's share of the batch
+def resolve_sparse_below(cfg: TrainConfig, d_a: int, d_b: int, dict_size: int, device: torch.device | str,
+                         world: int = 1) -> float:
+    """cfg.sparse_below with auto measured at the crosscoder's shape, one process's share of the batch
     and the step's precision (sparse_probe.py)."""
-    c = crosscoder.cfg
-    return sparse_probe.resolve(cfg.sparse_below, c.d_a, c.d_b, c.dict_size, max(1, cfg.batch_size // world),
+    return sparse_probe.resolve(cfg.sparse_below, d_a, d_b, dict_size, max(1, cfg.batch_size // world),
                                 precision.torch_dtype(cfg.dtype, device), device)
 
 

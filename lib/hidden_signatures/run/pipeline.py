@@ -16,7 +16,6 @@ import torch
 
 from .. import io, precision
 from ..crosscoders import crosscoder as cc_mod
-from ..crosscoders import sparse_probe
 from ..crosscoders import train as train_mod
 from ..data import corpus
 from ..harvest import activations
@@ -190,9 +189,8 @@ def resolved_train(run: RunConfig, pt: Point, data: activations.PairedActivation
     train = dataclasses.replace(pt.train, dtype=precision.resolve(pt.train.dtype, device))
     if pt.crosscoder.architecture != "relu_l1" or train.step != "fused":
         return train
-    batch = max(1, train.batch_size // rank_world()[1])  # one process's share, as LossModule probes it
-    below = sparse_probe.resolve(train.sparse_below, data.d_a, data.d_b, pt.crosscoder.dict_size, batch,
-                                 precision.torch_dtype(train.dtype, device), device)
+    below = train_mod.resolve_sparse_below(train, data.d_a, data.d_b, pt.crosscoder.dict_size, device,
+                                           rank_world()[1])  # as LossModule resolves it
     return dataclasses.replace(train, sparse_below=below)
 
 
