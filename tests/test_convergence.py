@@ -209,6 +209,31 @@ def test_resampling_a_dedicated_feature_crosscoder_keeps_its_partition(pair) -> 
     assert not torch.equal(model.W_dec_A[40], before)
 
 
+def test_resampled_batchtopk_latents_rank_with_the_live_ones_and_restart_their_counters(pair) -> None:
+    """BatchTopK ranks by f * decoder norm: a resampled latent gets the mean live norm (an L1 one a fifth
+    of it) and its silence counter restarts, so AuxK does not count it dead at once."""
+    cfg = crosscoder.CrosscoderConfig(d_a=pair.d_a, d_b=pair.d_b, dict_size=H, architecture="batchtopk", k=4)
+    model = crosscoder.build(cfg, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x_a, x_b = pair.get(np.arange(256))
+    with torch.no_grad():
+        model.W_dec_A[3:].mul_(10)
+        model.W_dec_B[3:].mul_(10)
+    model.num_tokens_since_fired.fill_(10**9)
+    dead = torch.zeros(H, dtype=torch.bool)
+    dead[:3] = True
+    assert resample.supports(model) and resample.resample(model, opt, dead, x_a, x_b, seed=0) == 3
+    norms = torch.cat([model.W_dec_A, model.W_dec_B], 1).norm(dim=1)
+    assert torch.allclose(norms[:3], norms[3:].mean().expand(3), rtol=1e-4)
+    assert model.num_tokens_since_fired[:3].eq(0).all() and model.num_tokens_since_fired[3:].eq(10**9).all()
+    relu = fresh(pair)
+    relu.W_dec_A.data.mul_(10)
+    relu.W_dec_B.data.mul_(10)
+    resample.resample(relu, torch.optim.Adam(relu.parameters()), dead, x_a, x_b, seed=0)
+    relu_norms = torch.cat([relu.W_dec_A, relu.W_dec_B], 1).norm(dim=1)
+    assert relu_norms[:3].max() < 0.25 * relu_norms[3:].mean()
+
+
 class Interrupt(Exception):
     pass
 

@@ -345,3 +345,18 @@ def test_batchtopk_sparse_decode_equals_the_dense_one() -> None:
     for name, grad in g_dense.items():
         torch.testing.assert_close(g_sparse[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert batchtopk.BatchTopKCrosscoder.sparse_below == fused_loss.SPARSE_BELOW
+
+
+def test_decoder_init_norm_is_the_architectures_unless_named() -> None:
+    """BatchTopK starts its decoder rows at 0.5 (ranking by f * norm kills latents that start small),
+    the ReLU + L1 crosscoder at the paper's 0.08; a named value wins, and a params variant inherits "unset"."""
+    from hidden_signatures.run.params import CrosscoderSettings
+    norms = {arch: crosscoder.build(make_cfg(architecture=arch), 0).decoder_norms()[0]
+             for arch in ("relu_l1", "batchtopk")}
+    assert torch.allclose(norms["relu_l1"], torch.full_like(norms["relu_l1"], 0.08))
+    assert torch.allclose(norms["batchtopk"], torch.full_like(norms["batchtopk"], 0.5))
+    named = crosscoder.build(make_cfg(architecture="batchtopk", dec_init_norm=0.1), 0).decoder_norms()[0]
+    assert torch.allclose(named, torch.full_like(named, 0.1))
+    assert CrosscoderSettings().dec_init_norm is None
+    with pytest.raises(Exception, match="crosscoder.dec_init_norm"):
+        CrosscoderSettings(dec_init_norm=-1.0)

@@ -33,8 +33,9 @@ class CrosscoderConfig:
     """Number of latents H (the paper uses 2**14)."""
     architecture: str = "relu_l1"
     """Registered variant name (see ARCHITECTURES)."""
-    dec_init_norm: float = 0.08
-    """Norm of each decoder row at initialisation (paper: 0.08)."""
+    dec_init_norm: float | None = None
+    """Norm of each decoder row at initialisation; None: the architecture's own
+    (`default_dec_init_norm`: 0.08 for the paper's ReLU + L1, 0.5 for BatchTopK)."""
     k: int = 32
     """Mean active latents per token (BatchTopK only)."""
     aux_k: int = 512
@@ -57,6 +58,8 @@ class CrosscoderConfig:
             raise ValueError(
                 f"crosscoder.architecture: {self.architecture!r} is unknown; "
                 f"accepted: {', '.join(sorted(ARCHITECTURES))}")
+        if self.dec_init_norm is None:
+            self.dec_init_norm = ARCHITECTURES[self.architecture].default_dec_init_norm
 
     @classmethod
     def from_dict(cls, data: dict) -> "CrosscoderConfig":
@@ -84,6 +87,11 @@ class Crosscoder(nn.Module):
     architecture: ClassVar[str] = "relu_l1"
     steered_by_l1: ClassVar[bool] = True
     """Whether the L1 weight sets the sparsity (so the trainer steers it toward train.target_l0)."""
+    default_dec_init_norm: ClassVar[float] = 0.08
+    """Decoder row norm at initialisation unless the config names one (the paper's 0.08)."""
+    resample_dec_scale: ClassVar[float] = 0.2
+    """A resampled latent's decoder rows start at this share of the mean live decoder norm (small
+    under L1, whose penalty grows with the norm)."""
 
     def __init__(self, cfg: CrosscoderConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -149,6 +157,9 @@ class Crosscoder(nn.Module):
 
     def post_step(self) -> None:
         """Called by the trainer after each optimizer step; variants re-impose constraints here."""
+
+    def resampled(self, dead: torch.Tensor) -> None:
+        """Called after latents `dead` (indices) were resampled; variants reset per-latent state."""
 
     # -- persistence ----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -1,10 +1,10 @@
-"""Dead-latent resampling for the L1 crosscoders (after Anthropic's "Towards Monosemanticity").
+"""Dead-latent resampling (after Anthropic's "Towards Monosemanticity"), for every architecture.
 
 A latent that fires on none of the held-out tokens of an evaluation is dead: its gradient is zero
 and it never comes back by itself. Each dead latent is re-aimed at one training row the crosscoder
 reconstructs badly (drawn with probability proportional to its squared error, from a generator
 seeded by the step): its decoder rows become that row's residual, scaled to the mean live
-decoder norm times DEC_SCALE, its encoder columns the same direction at ENC_SCALE of the mean live encoder norm,
+decoder norm times the model's `resample_dec_scale`, its encoder columns the same direction at ENC_SCALE of the mean live encoder norm,
 its bias set so that it fires on as few rows of the batch as an average live latent does (a
 zero bias would fire it on every row with a positive projection: the residual stream is far
 from centred, and a mass resampling then blows the reconstruction up), and its Adam moments 0. The draw depends only on the weights, the step and the batch,
@@ -20,13 +20,9 @@ from . import crosscoder as cc_mod
 ENC_SCALE = 0.2
 """New encoder columns start at this share of the mean live encoder column norm (small, so a
 resampled latent joins gently)."""
-DEC_SCALE = 0.2
-"""New decoder rows start at this share of the mean live decoder norm."""
-
-
-
-RESAMPLED = ("relu_l1", "dfc")
-"""Architectures trained with an L1 penalty, whose dead latents stay dead (BatchTopK has its auxiliary loss)."""
+RESAMPLED = ("relu_l1", "dfc", "batchtopk")
+"""Architectures whose dead latents are resampled. BatchTopK's AuxK loss alone does not revive
+them: its latents die in the first steps, far sooner than AuxK calls a latent dead."""
 
 
 def supports(model: cc_mod.Crosscoder) -> bool:
@@ -54,7 +50,7 @@ def resample(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead_H: torch
     d_a = x_NA.shape[1]
     dec_norm = torch.cat([model.W_dec_A, model.W_dec_B], 1)[live].norm(dim=1).mean()
     enc_norm = torch.cat([model.W_enc_A, model.W_enc_B], 0)[:, live].norm(dim=0).mean()
-    new_dec = (direction * dec_norm * DEC_SCALE).to(model.W_dec_A.dtype)
+    new_dec = (direction * dec_norm * model.resample_dec_scale).to(model.W_dec_A.dtype)
     new_enc = (direction * enc_norm * ENC_SCALE).to(model.W_enc_A.dtype)
     model.W_dec_A[dead] = new_dec[:, :d_a]
     model.W_dec_B[dead] = new_dec[:, d_a:]
@@ -63,6 +59,7 @@ def resample(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead_H: torch
     pre_ND = (x_NA.float() @ new_enc[:, :d_a].T.float() + x_NB.float() @ new_enc[:, d_a:].T.float())
     model.b_enc[dead] = -torch.quantile(pre_ND, 1 - share, dim=0).to(model.b_enc.dtype)
     model.post_step()  # a variant re-imposes its constraints (the dedicated-feature masks)
+    model.resampled(dead)  # and resets its own per-latent state (BatchTopK's silence counters)
     _reset_moments(model, opt, dead)
     return len(dead)
 

@@ -66,8 +66,9 @@ class CrosscoderSettings:
     """relu_l1 (the paper's) or another registered architecture."""
     l1_coeff: float = 2.0
     """Sparsity weight lambda (paper: 2)."""
-    dec_init_norm: float = 0.08
-    """Decoder row norm at initialisation."""
+    dec_init_norm: float | None = None
+    """Decoder row norm at initialisation; unset: the architecture's own (relu_l1 and dfc 0.08, the
+    paper's; batchtopk 0.5)."""
     k: int = 32
     """Active latents per token for batchtopk."""
     dead_after_tokens: int = 1_000_000
@@ -80,7 +81,8 @@ class CrosscoderSettings:
         _positive("crosscoder.dict_size", self.dict_size)
         _choice("crosscoder.architecture", self.architecture, tuple(sorted(ARCHITECTURES)))
         _in_range("crosscoder.l1_coeff", self.l1_coeff, 0.0, 1e4)
-        _in_range("crosscoder.dec_init_norm", self.dec_init_norm, 0.0, 10.0, low_open=True)
+        if self.dec_init_norm is not None:  # unset: resolved by the architecture (a variant inherits "unset")
+            _in_range("crosscoder.dec_init_norm", self.dec_init_norm, 0.0, 10.0, low_open=True)
         _positive("crosscoder.k", self.k)
         _positive("crosscoder.dead_after_tokens", self.dead_after_tokens)
         if self.k > self.dict_size:
