@@ -214,3 +214,48 @@ def test_student_of_a_frozen_teacher_is_trainable():
     student, _ = ds.make_student(teacher)
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("build,path", [(tiny_llama, "model.layers"), (tiny_gpt2, "transformer.h")])
+def test_student_starts_from_the_named_teacher_blocks(build, path):
+    teacher = build()
+    student, kept = ds.make_student(teacher, [0, 3])
+    assert kept == [0, 3] and student.config.num_hidden_layers == 2
+    t_blocks, s_blocks = teacher.get_submodule(path), student.get_submodule(path)
+    for i, t_idx in enumerate(kept):
+        t_state, s_state = t_blocks[t_idx].state_dict(), s_blocks[i].state_dict()
+        assert all(torch.equal(t_state[k], s_state[k]) for k in t_state)
+    s_default, _ = ds.make_student(teacher)  # the default start (0, 2) differs in the second block
+    assert any(not torch.equal(a, b) for a, b in zip(s_blocks[1].state_dict().values(),
+                                                      s_default.get_submodule(path)[1].state_dict().values()))
+    with pytest.raises(ValueError, match=r"student_blocks=\[0, 4\]: block 4 is out of range; the teacher has 4 "
+                                         r"blocks \(0 to 3\)"):
+        ds.make_student(teacher, [0, 4])
+
+
+@pytest.mark.parametrize("bad", [[], [2, 1], [1, 1], [-1, 2], [True], "0,2", [0.0, 2]])
+def test_student_blocks_must_be_increasing_block_indices(bad):
+    with pytest.raises(ValueError, match="student_blocks=.*must be None or a non-empty list of increasing"):
+        ds.DistillConfig(student_blocks=bad)
+
+
+def test_student_blocks_enter_the_cache_key_only_when_named():
+    """Students cached before the field existed keep their keys; a named start gets its own."""
+    default, named = ds.DistillConfig(), ds.DistillConfig(student_blocks=[0, 1])
+    assert "student_blocks" not in lt.key_dict(default)
+    assert lt.key_dict(named)["student_blocks"] == [0, 1]
+    assert ds.distill_key("t", "d", default, "kl") != ds.distill_key("t", "d", named, "kl")
+    assert ds.distill_key("t", "d", default, "kl") == ds.distill_key("t", "d", ds.DistillConfig(), "kl")
+
+
+def test_a_named_student_start_is_checked_against_the_teacher_before_any_work():
+    from hidden_signatures.run import derived, params
+    data = {"name": "p", "model_a": "smollm2-135m", "model_b": "distill-kl:smollm2-135m", "layers": ["last"],
+            "distill": {"student_blocks": [0, 29]}}
+    run = params.from_dict(data)
+    derived.check(run, run.model_b)
+    assert derived.shape(run, run.model_b) == (2, 576)
+    run = params.from_dict({**data, "distill": {"student_blocks": [0, 30]}})
+    with pytest.raises(params.ParamsError, match=r"^distill.student_blocks=\[0, 30\]: block 30 is out of range; "
+                                                 r"the teacher has 30 blocks \(0 to 29\)$"):
+        derived.check(run, run.model_b)

@@ -2,7 +2,7 @@
 
 This finishes the original's unfinished study. The student keeps the teacher's width,
 embeddings, final norm, LM head and tokenizer, and starts from every other teacher block
-(0, 2, 4, ...). Objective "kl" trains on alpha * KL(teacher || student at temperature T) * T^2
+(0, 2, 4, ...; `student_blocks` names others). Objective "kl" trains on alpha * KL(teacher || student at temperature T) * T^2
 + (1 - alpha) * LM loss. Objective "kl_jacobian" adds jac_weight * a Jacobian-matching term:
 the relative squared error between teacher and student Jacobian-vector products J v from the
 input embeddings to the output log-probabilities, on random directions v (one random unit
@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,12 @@ class DistillConfig(LMTrainConfig):
     """Use only the first this many sequences of a batch for the Jacobian term (0: all), to bound memory."""
     jac_layers: list[int] | None = None
     """None: match JVPs at the output log-probs; [t, s]: at teacher hidden_states[t] vs student hidden_states[s]."""
+    student_blocks: list[int] | None = None
+    """Teacher blocks the student starts from, in increasing order; None: every other block (0, 2, 4, ...,
+    the DistilGPT-2 recipe). A start closer to the teacher (its first and last blocks) needs fewer steps."""
+
+    KEY_OMITS_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("student_blocks",)
+    """Fields added after students were cached: left out of cache keys at their default, so those caches hold."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +68,12 @@ class DistillConfig(LMTrainConfig):
                              f"{self.jac_max_seqs}: need jac_weight >= 0, n_dirs >= 1, jac_max_seqs >= 0")
         if self.jac_layers is not None and len(self.jac_layers) != 2:
             raise ValueError(f"jac_layers={self.jac_layers}: must be None or [teacher_index, student_index]")
+        blocks = self.student_blocks
+        if blocks is not None and not (isinstance(blocks, list) and blocks
+                                       and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+                                       and blocks[0] >= 0 and all(a < b for a, b in zip(blocks, blocks[1:]))):
+            raise ValueError(f"student_blocks={blocks}: must be None or a non-empty list of increasing "
+                             f"teacher block indices >= 0")
 
 
 # ---------------------------------------------------------------- student construction
@@ -76,11 +88,20 @@ def block_list_path(model: nn.Module) -> str:
     return min(found, key=lambda name: name.count("."))
 
 
-def make_student(teacher: nn.Module) -> tuple[nn.Module, list[int]]:
-    """A half-depth copy of `teacher` initialised from its blocks 0, 2, 4, ...; returns (student, copied blocks)."""
+def student_block_ids(n_layers: int, blocks: list[int] | None = None) -> list[int]:
+    """The teacher blocks a student of an `n_layers`-block teacher copies: `blocks`, or 0, 2, 4, ..."""
+    if blocks is None:
+        return list(range(0, n_layers, 2))
+    if blocks[-1] >= n_layers:
+        raise ValueError(f"student_blocks={blocks}: block {blocks[-1]} is out of range; the teacher has "
+                         f"{n_layers} blocks (0 to {n_layers - 1})")
+    return list(blocks)
+
+
+def make_student(teacher: nn.Module, blocks: list[int] | None = None) -> tuple[nn.Module, list[int]]:
+    """A copy of `teacher` keeping its blocks `blocks` (default 0, 2, 4, ...); returns (student, copied blocks)."""
     path = block_list_path(teacher)
-    n_layers = teacher.config.num_hidden_layers
-    kept = list(range(0, n_layers, 2))
+    kept = student_block_ids(teacher.config.num_hidden_layers, blocks)
     student = copy.deepcopy(teacher)
     parent_name, _, attr = path.rpartition(".")
     parent = student.get_submodule(parent_name) if parent_name else student
@@ -197,7 +218,7 @@ def make_step_fn(teacher: nn.Module, cfg: DistillConfig, objective: str) -> Step
 def distill_key(teacher_spec: str, data_fingerprint: str, cfg: DistillConfig, objective: str) -> str:
     """A short hash naming a distillation run by teacher, data, config and objective."""
     return io.config_hash({"kind": "distill", "teacher": teacher_spec, "data": data_fingerprint,
-                           "objective": objective, "config": asdict(cfg)})
+                           "objective": objective, "config": lm_training.key_dict(cfg)})
 
 
 CURVE_JVP_SEQS, CURVE_JVP_TOKENS, CURVE_JVP_SEED = 2, 64, 12345  # held-out directions, never trained on
@@ -217,7 +238,7 @@ def distill(teacher: nn.Module, tokenizer: Any, train_NT: torch.Tensor, cfg: Dis
         raise ValueError(f"objective={objective!r}: accepted {OBJECTIVES}")
     if is_complete(out_dir):
         return model_dir(out_dir)
-    student, kept = make_student(teacher)
+    student, kept = make_student(teacher, cfg.student_blocks)
     was_training, attn = teacher.training, getattr(teacher.config, "_attn_implementation", None)
     if objective == "kl_jacobian":
         ensure_eager(teacher)

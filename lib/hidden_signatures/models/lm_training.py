@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,9 +99,16 @@ class LMTrainConfig:
             raise ValueError(f"autocast_dtype={self.autocast_dtype!r}: accepted {sorted(AUTOCAST_DTYPES)}")
 
 
+def key_dict(cfg: LMTrainConfig) -> dict[str, Any]:
+    """The config's fields for a cache key: those in the class's KEY_OMITS_AT_DEFAULT left out at their default."""
+    defaults = {f.name: f.default for f in fields(cfg)}
+    omit = getattr(cfg, "KEY_OMITS_AT_DEFAULT", ())
+    return {k: v for k, v in asdict(cfg).items() if not (k in omit and v == defaults[k])}
+
+
 def _config_json(cfg: LMTrainConfig) -> dict[str, Any]:
     """The config as it reads back from JSON, so a saved and a live config compare equal."""
-    return json.loads(io.to_json(asdict(cfg)))
+    return json.loads(io.to_json(key_dict(cfg)))
 
 
 def model_dir(out_dir: str | os.PathLike) -> Path:

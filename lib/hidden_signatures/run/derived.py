@@ -93,7 +93,9 @@ def shape(run: RunConfig, spec: str) -> tuple[int, int]:
     """(blocks, width) of a derived model without building it."""
     kind, base = parse(spec)
     blocks, width = models.model_shape(base)
-    return (blocks // 2, width) if kind.startswith("distill") else (blocks, width)
+    if kind.startswith("distill"):
+        blocks = len(distill.student_block_ids(blocks, train_config(run, kind).student_blocks))
+    return blocks, width
 
 
 def check(run: RunConfig, spec: str) -> None:
@@ -102,8 +104,13 @@ def check(run: RunConfig, spec: str) -> None:
     if is_derived(base):
         raise ParamsError(f"model {spec}: the base of a derived model must be an ordinary model")
     models.check_spec(base)
-    train_config(run, kind)
+    cfg = train_config(run, kind)
     train_corpus(run, kind)
+    if kind.startswith("distill"):
+        try:
+            distill.student_block_ids(models.model_shape(base)[0], cfg.student_blocks)
+        except ValueError as exc:
+            raise ParamsError(f"distill.{exc}") from None
 
 
 def train_tokens(run: RunConfig, base: str, kind: str, part: str = TRAIN_PART):
@@ -117,7 +124,7 @@ def directory(run: RunConfig, spec: str) -> Path:
     ids = train_tokens(run, base, kind)
     data = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     key = io.config_hash({"kind": kind, "base": model_identity(base), "data": data,
-                          "cfg": dataclasses.asdict(train_config(run, kind))})
+                          "cfg": lm_training.key_dict(train_config(run, kind))})
     return io.cache_root() / "derived" / f"{kind}-{key}"
 
 
