@@ -2,10 +2,11 @@
 
 This finishes the original's unfinished study. The student keeps the teacher's width,
 embeddings, final norm, LM head and tokenizer, and starts from every other teacher block
-(0, 2, 4, ...; `student_blocks` names others). Objective "kl" trains on alpha * KL(teacher || student at temperature T) * T^2
-+ (1 - alpha) * LM loss. Objective "kl_jacobian" adds jac_weight * a Jacobian-matching term:
-the relative squared error between teacher and student Jacobian-vector products J v from the
-input embeddings to the output log-probabilities, on random directions v (one random unit
+(0, 2, 4, ...; `student_blocks` names others). Objective "kl" trains on
+alpha * KL(teacher || student at temperature T) * T^2 + (1 - alpha) * LM loss. Objective
+"kl_jacobian" adds jac_weight * a Jacobian-matching term: the relative squared error between
+teacher and student Jacobian-vector products J v from the input embeddings to the output
+log-probabilities, on random directions v (one random unit
 vector per position, so every position is perturbed equally). Log-probabilities rather than
 logits, because a shift of all logits changes nothing the model predicts. The products are
 computed with forward-mode AD (torch.func.jvp), which needs eager attention: SDPA has no

@@ -94,7 +94,10 @@ def shape(run: RunConfig, spec: str) -> tuple[int, int]:
     kind, base = parse(spec)
     blocks, width = models.model_shape(base)
     if kind.startswith("distill"):
-        blocks = len(distill.student_block_ids(blocks, train_config(run, kind).student_blocks))
+        try:
+            blocks = len(distill.student_block_ids(blocks, train_config(run, kind).student_blocks))
+        except ValueError as exc:  # a named start outside the teacher
+            raise ParamsError(f"distill.{exc}") from None
     return blocks, width
 
 
@@ -104,13 +107,9 @@ def check(run: RunConfig, spec: str) -> None:
     if is_derived(base):
         raise ParamsError(f"model {spec}: the base of a derived model must be an ordinary model")
     models.check_spec(base)
-    cfg = train_config(run, kind)
+    train_config(run, kind)
     train_corpus(run, kind)
-    if kind.startswith("distill"):
-        try:
-            distill.student_block_ids(models.model_shape(base)[0], cfg.student_blocks)
-        except ValueError as exc:
-            raise ParamsError(f"distill.{exc}") from None
+    shape(run, spec)  # a student's start against its teacher
 
 
 def train_tokens(run: RunConfig, base: str, kind: str, part: str = TRAIN_PART):
