@@ -47,6 +47,8 @@ class BenchConfig:
     """Sequences per distillation step in the student-training benchmark."""
     distill_len: int = 128
     """Tokens per sequence in the student-training benchmark."""
+    allocator_rounds: int = 2
+    """Child processes per side of the allocator comparison (alternating), each timing `repeats` steps."""
     compile: bool = True
     """Also time torch.compile of the loss (costs tens of seconds of compilation)."""
     e2e_tokens: int = 20_000
@@ -76,7 +78,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for name in ("harvest_seqs", "seq_len", "repeats", "harvest_repeats", "d_a", "d_b", "dict_size",
                      "batch_size", "trained_l0", "e2e_tokens", "e2e_steps", "e2e_batch", "e2e_dict", "memory_steps",
-                     "distill_seqs", "distill_len"):
+                     "distill_seqs", "distill_len", "allocator_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"bench.{name}: {value!r} is not a positive integer")
@@ -104,7 +106,7 @@ class BenchConfig:
     def quick(self) -> "BenchConfig":
         """The same benchmarks at sizes that run in a minute or two on two cores."""
         return replace(self, harvest_seqs=8, dict_size=4096, batch_size=2048, trained_l0=64, compile=False,
-                       threshold_l0s=(32, 128, 512), distill_seqs=2, distill_len=64,
+                       threshold_l0s=(32, 128, 512), distill_seqs=2, distill_len=64, allocator_rounds=1,
                        e2e_tokens=2000, e2e_steps=10, e2e_batch=512, e2e_dict=2048, growth_steps=(5, 10, 20),
                        store_rows=(70_000, 210_000), memory_steps=10)
 

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from benchmarks.allocator import bench_allocator
 from benchmarks.config import SHORT, STORE_LAYER, BenchConfig  # noqa: F401  (run.SHORT, run.STORE_LAYER, as before)
 from benchmarks.end_to_end import bench_end_to_end
 from benchmarks.growth import bench_growth, make_store  # noqa: F401  (run.make_store, as before)
@@ -33,12 +34,13 @@ from benchmarks.matmul import bench_matmul
 from benchmarks.report import EMULATE_AVX2, load_average, machine_info, to_markdown
 from benchmarks.steps import bench_distill, bench_sparsity, bench_step, bench_threads
 from benchmarks.timing import DIGITS, Precision, say, timed
-from hidden_signatures import io, precision
+from hidden_signatures import allocator, io, precision
 
 RESULTS_STEM = "results"
 RESULTS_JSON = f"{RESULTS_STEM}.json"
 RESULTS_MD = f"{RESULTS_STEM}.md"
-PARTS = ("matmul", "harvest", "training step", "sparse step", "threads", "students", "end to end", "growth")
+PARTS = ("matmul", "harvest", "training step", "sparse step", "threads", "students", "allocator", "end to end",
+         "growth")
 EMULATED_STEM = "results-avx2-emulated"
 
 
@@ -60,6 +62,7 @@ def run(cfg: BenchConfig, out_dir: Path, stem: str = RESULTS_STEM, parts: tuple[
     if unknown:
         raise ValueError(f"bench parts {unknown}: accepted: {', '.join(PARTS)}")
     prec = Precision(precision.resolve("auto", "cpu"), float(cfg.bf16_budget_s))
+    allocator.retain_freed_memory()  # every row in the trainers' allocator setting ("allocator" compares)
     results: dict = {"machine": machine_info(), "config": asdict(cfg), "ratios": [], "checks": {}}
     say(precision.detect("cpu").line())
     with tempfile.TemporaryDirectory(prefix="hs-bench-") as tmp:
@@ -68,6 +71,7 @@ def run(cfg: BenchConfig, out_dir: Path, stem: str = RESULTS_STEM, parts: tuple[
                    "training step": lambda: bench_step(cfg, prec),
                    "sparse step": lambda: bench_sparsity(cfg, prec), "threads": lambda: bench_threads(cfg, prec),
                    "students": lambda: bench_distill(cfg, prec),
+                   "allocator": lambda: bench_allocator(cfg, prec),
                    "end to end": lambda: bench_end_to_end(cfg, prec, work),
                    "growth": lambda: bench_growth(cfg, work)}
         for label in (p for p in PARTS if p in parts):

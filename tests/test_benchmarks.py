@@ -8,6 +8,7 @@ so the checks do not depend on this machine's CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import fields
 
@@ -22,7 +23,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ sits beside lib/, at the project ro
 from benchmarks import run as bench  # noqa: E402
 from benchmarks import steps  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from hidden_signatures import io, precision  # noqa: E402
+from hidden_signatures import allocator, io, precision  # noqa: E402
 from hidden_signatures.harvest import activations  # noqa: E402
 from hidden_signatures.crosscoders import crosscoder as cc_mod  # noqa: E402
 
@@ -63,7 +64,7 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     monkeypatch.setenv(precision.FORCE_ENV, chosen)  # what auto picks here, on any CPU
     model_dir = save_tiny_model(tmp_path / "tiny", tokenizer=tiny_tokenizer)
     out = tmp_path / "out"
-    bench.run(tiny_bench(model_dir), out)
+    bench.run(tiny_bench(model_dir), out, parts=tuple(p for p in bench.PARTS if p != "allocator"))  # own test below
 
     results = io.read_json(out / bench.RESULTS_JSON)
     assert len(results["ratios"]) == N_ENTRIES, [e["name"] for e in results["ratios"]]
@@ -135,6 +136,25 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     first = table.splitlines()[0]
     assert first.startswith("Machine: ") and f"precision auto -> {chosen}" in first
     assert machine["cpu"] in first and f"torch {torch.__version__}" in first and "Load average at start" in first
+
+
+@pytest.mark.skipif(not allocator.available(), reason="the allocator setting is glibc's")
+def test_allocator_rows_compare_child_processes_in_each_setting(tmp_path, tiny_tokenizer, monkeypatch):
+    """Two rows (crosscoder step, KL student step), each side from its own processes, which report the
+    setting they ran in (the bench fails if a side's setting did not take), faults and peak RSS."""
+    monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(precision.FORCE_ENV, "float32")
+    model_dir = save_tiny_model(tmp_path / "tiny", tokenizer=tiny_tokenizer)
+    bench.run(dataclasses.replace(tiny_bench(model_dir), allocator_rounds=1), tmp_path / "out", parts=("allocator",))
+    results = io.read_json(tmp_path / "out" / bench.RESULTS_JSON)
+    rows = [e["name"] for e in results["ratios"]]
+    assert len(rows) == 2 and rows[0].startswith("crosscoder step (dA 16, dB 16, H 48, batch 16), fp32: freed memory")
+    assert rows[1].startswith("KL student step (2 x 8 tokens), fp32: freed memory retained")
+    for row in results["ratios"]:
+        assert row["repeats"] == 1 and row["target"] == 1.05
+    for sides in (v for k, v in results["checks"].items() if k.startswith("allocator, ")):
+        assert set(sides) == {"retained", "glibc default"}
+        assert all(side["peak_rss_mib"] > 0 and side["page_faults_per_step"] >= 0 for side in sides.values())
 
 
 def test_emulated_bf16_over_budget_is_recorded_not_timed(tmp_path, monkeypatch):

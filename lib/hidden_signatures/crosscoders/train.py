@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import io, precision, process_group
+from .. import allocator, io, precision, process_group
 from ..harvest.store import PairedActivations
 from . import convergence, fused_loss, resample, sparse_probe
 from . import crosscoder as cc_mod
@@ -182,7 +182,8 @@ def train(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainConfig, l
 
 
 def _join_group(cfg: TrainConfig, device: torch.device | str) -> tuple[int, int, torch.device]:
-    """Rank, world size and this rank's device (one process: 0, 1 and `device`)."""
+    """Rank, world size and this rank's device (one process: 0, 1 and `device`); the process set up to train."""
+    allocator.retain_freed_memory()  # each step's big temporaries reuse freed pages (no fresh page faults)
     rank, world = process_group.init_from_env(device)
     if cfg.batch_size < world:
         raise ValueError(f"train.batch_size: {cfg.batch_size} is smaller than the {world} processes; "

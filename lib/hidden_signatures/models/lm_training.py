@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import io, precision
+from .. import allocator, io, precision
 from .peak_memory import PeakMemory
 
 StepFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -301,6 +301,7 @@ def run(model: nn.Module, step_fn: StepFn, data_NT: torch.Tensor, cfg: LMTrainCo
     for stale in [*out_dir.glob(".model-tmp-*"), *(out_dir / CHECKPOINT_DIR).glob(".tmp-*")]:
         shutil.rmtree(stale)
     model.float().train()
+    allocator.retain_freed_memory()  # each step's activations reuse freed pages (no fresh page faults)
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
     config_json = _config_json(cfg)
