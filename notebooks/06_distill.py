@@ -13,9 +13,10 @@
 #
 # The original repository shipped a Jacobian-matching distillation pipeline that never ran
 # ("memory constraints prevented a complete analysis"). Here it runs to the end, at SmolLM2
-# scale on a CPU. Two students of SmolLM2-135M, each with 15 blocks initialised from every other
-# teacher block (the DistilBERT / DistilGPT-2 recipe), trained on the same data, for the same
-# steps, with the same seed and optimizer:
+# scale on a CPU. Two students of SmolLM2-135M, each with 15 blocks initialised from teacher blocks
+# (every other one by default, the DistilBERT / DistilGPT-2 recipe; on a CPU without native bf16
+# the params' `fp32_cpu` budgets start from blocks 0-5 and 21-29 and train half the steps), trained
+# on the same data, for the same steps, with the same seed and optimizer:
 # - **KL**: temperature-scaled KL to the teacher's next-token distribution + LM loss;
 # - **KL + Jacobian**: additionally matching the teacher's Jacobian-vector products from the
 #   input embeddings to the output log-probabilities on random directions (forward-mode AD).
