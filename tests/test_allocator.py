@@ -61,3 +61,9 @@ def test_the_opt_out_leaves_glibc_alone():
 
 def test_retain_is_idempotent_in_process():
     assert allocator.retain_freed_memory() is True and allocator.retain_freed_memory() is True
+
+
+def test_a_bad_setting_is_named_with_what_is_accepted(monkeypatch):
+    monkeypatch.setenv(allocator.ENV, "jemalloc")
+    with pytest.raises(ValueError, match=r"HIDDEN_SIGNATURES_MALLOC='jemalloc': accepted: retain, default"):
+        allocator.retain_freed_memory()

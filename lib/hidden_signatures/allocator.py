@@ -19,6 +19,8 @@ import os
 
 ENV = "HIDDEN_SIGNATURES_MALLOC"
 """Set to `default` to leave glibc's allocator as it is (for comparison or a memory-tight machine)."""
+ENV_VALUES = ("retain", "default")
+"""What ENV accepts (unset or empty: retain)."""
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 """mallopt parameter numbers, from glibc's malloc.h."""
 RETAINED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 256 * 2**20}
@@ -50,9 +52,10 @@ def _apply(settings: dict[int, int]) -> bool:
 
 def retain_freed_memory() -> bool:
     """Reuse freed blocks instead of unmapping them (idempotent); True if the setting is in force."""
-    if os.environ.get(ENV, "").strip().lower() == "default":
-        return False
-    return _apply(RETAINED)
+    value = os.environ.get(ENV, "").strip().lower() or "retain"
+    if value not in ENV_VALUES:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: accepted: {', '.join(ENV_VALUES)} (or unset)")
+    return value == "retain" and _apply(RETAINED)
 
 
 def glibc_default() -> bool:
