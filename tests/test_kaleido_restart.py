@@ -4,7 +4,9 @@ error only, a bounded number of times, and the PNG bytes stay those of a normal 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -229,7 +231,17 @@ def test_page_not_ready_restarts_and_gives_the_same_png(monkeypatch: pytest.Monk
     assert len(_browsers()) == 1  # the stopped servers' Chromiums were closed, not leaked
 
 
+def _kaleido_version() -> tuple[int, ...]:
+    """The installed kaleido's version as numbers (1.5.2 -> (1, 5, 2))."""
+    text = importlib.metadata.version("kaleido")
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
 @needs_chromium
+@pytest.mark.skipif(_kaleido_version() >= (1, 5, 2),
+                    reason="kaleido >= 1.5.2 navigates by waiting for the load event of its own navigation "
+                           "(frame and loader ids), so Chromium's start-up page can no longer release it early: "
+                           "the race this provokes is fixed upstream; figures' retry stays for older kaleido")
 def test_render_during_page_load_recovers(reference_png: bytes, stale_load_event: list[int],
                                           monkeypatch: pytest.MonkeyPatch, restarts: list[float]) -> None:
     """The real race in a real Chromium: kaleido itself raises the error, figures restarts and retries."""
