@@ -20,18 +20,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from benchmarks.config import BenchConfig
 from benchmarks.growth import _high_water_rss
-from benchmarks.steps import _adam, library_step, step_data
+from benchmarks.steps import _adam, library_step, step_data, student_setup
 from benchmarks.timing import Precision, ratio_entry, say
 from hidden_signatures import allocator
 from hidden_signatures.crosscoders import crosscoder as cc_mod
 from hidden_signatures.models import distill, lm_training
-from hidden_signatures.models import loading as models
 
-SIDES = {"retained": "", "glibc default": "default"}
+SIDES = {"retained": "retain", "glibc default": "default"}
 """Each side's HIDDEN_SIGNATURES_MALLOC."""
 
 
@@ -46,13 +43,8 @@ def crosscoder_step(cfg: BenchConfig, dtype: str) -> tuple[str, Callable[[], Non
 
 def student_step(cfg: BenchConfig, dtype: str) -> tuple[str, Callable[[], None]]:
     """One KL distillation step of the half-depth student through the shared LM step."""
-    teacher, _tok = models.load_model(cfg.model, dtype=torch.float32)
-    student, _ = distill.make_student(teacher)
-    lm_cfg = distill.DistillConfig(steps=1, warmup_steps=0, autocast_dtype=dtype)
-    opt = lm_training.make_optimizer(student, lm_cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch_BT = torch.randint(0, teacher.config.vocab_size, (cfg.distill_seqs, cfg.distill_len), generator=gen)
-    step_fn = distill.make_step_fn(teacher, lm_cfg, "kl")
+    teacher, student, lm_cfg, batch_BT = student_setup(cfg, dtype)
+    opt, step_fn = lm_training.make_optimizer(student, lm_cfg), distill.make_step_fn(teacher, lm_cfg, "kl")
     return (f"KL student step ({cfg.distill_seqs} x {cfg.distill_len} tokens)",
             lambda: lm_training._train_step(student, step_fn, batch_BT, 0, opt, lm_cfg))
 
@@ -98,8 +90,7 @@ def bench_allocator(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict
         for _ in range(cfg.allocator_rounds):
             for side, malloc in SIDES.items():
                 runs[side].append(_run_child(which, cfg, prec.chosen, malloc))
-        if [r["retained"] for r in runs["retained"] + runs["glibc default"]] != [True] * len(runs["retained"]) + \
-                [False] * len(runs["glibc default"]):
+        if not all(r["retained"] == (side == "retained") for side, rs in runs.items() for r in rs):
             raise RuntimeError("allocator bench: a child's allocator setting is not the one its side names")
         times = {side: [s for r in rs for s in r["seconds"]] for side, rs in runs.items()}
         tag = f"{runs['retained'][0]['tag']}, {prec.short}"

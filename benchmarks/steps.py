@@ -310,17 +310,22 @@ def bench_threads(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
 # -- 2d. students ----------------------------------------------------------------------------------
 
 
+def student_setup(cfg: BenchConfig, dtype: str):
+    """(teacher, its half-depth student, a one-step DistillConfig in `dtype`, a seeded random batch)."""
+    teacher, _tok = models.load_model(cfg.model, dtype=torch.float32)
+    student, _ = distill.make_student(teacher)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch_BT = torch.randint(0, teacher.config.vocab_size, (cfg.distill_seqs, cfg.distill_len), generator=gen)
+    return teacher, student, distill.DistillConfig(steps=1, warmup_steps=0, autocast_dtype=dtype), batch_BT
+
+
 def bench_distill(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
     """One distillation step (KL, and KL + Jacobian) against a plain forward + backward of the student
     (LM loss) on the same batch, all in the chosen precision and through the shared LM step."""
-    teacher, _tok = models.load_model(cfg.model, dtype=torch.float32)
-    student, _ = distill.make_student(teacher)
+    teacher, student, lm_cfg, batch_BT = student_setup(cfg, prec.chosen)
     eager_teacher, eager_student = copy.deepcopy(teacher), copy.deepcopy(student)
     for model in (eager_teacher, eager_student):
         distill.ensure_eager(model)  # as distill.distill does for kl_jacobian: forward-mode AD needs eager
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch_BT = torch.randint(0, teacher.config.vocab_size, (cfg.distill_seqs, cfg.distill_len), generator=gen)
-    lm_cfg = distill.DistillConfig(steps=1, warmup_steps=0, autocast_dtype=prec.chosen)
     opt, eager_opt = lm_training.make_optimizer(student, lm_cfg), lm_training.make_optimizer(eager_student, lm_cfg)
 
     def plain(model, ids):
