@@ -458,6 +458,15 @@ def test_bad_params_stop_with_one_line(case, inputs, text_file, tmp_path, monkey
     assert stderr == f"error: {message}\n"
 
 
+def test_runner_rejects_a_bad_allocator_setting_before_any_work(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HIDDEN_SIGNATURES_MALLOC", "jemalloc")
+    monkeypatch.setattr(runner, "plan", lambda paths, quick: [])  # the params are not what is tested here
+    monkeypatch.setattr(runner, "run_tasks", lambda *a, **k: pytest.fail("ran tasks despite the bad setting"))
+    assert runner.main(["smollm2-same", "--params-dir", str(ROOT / "params")]) == 2
+    assert capsys.readouterr().err == ("error: HIDDEN_SIGNATURES_MALLOC='jemalloc': accepted: retain, default "
+                                       "(or unset)\n")
+
+
 def test_runner_unknown_params_file_suggests_the_closest(capsys) -> None:
     assert runner.main(["smollm2-sam", "--params-dir", str(ROOT / "params")]) == 2
     (line,) = capsys.readouterr().err.splitlines()

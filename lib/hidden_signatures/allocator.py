@@ -50,12 +50,21 @@ def _apply(settings: dict[int, int]) -> bool:
     return libc is not None and all(libc.mallopt(k, v) == 1 for k, v in settings.items())
 
 
-def retain_freed_memory() -> bool:
-    """Reuse freed blocks instead of unmapping them (idempotent); True if the setting is in force."""
+class SettingError(ValueError):
+    """HIDDEN_SIGNATURES_MALLOC holds something other than retain or default."""
+
+
+def setting() -> str:
+    """The requested setting, `retain` or `default` (checked: the runner calls this before any work)."""
     value = os.environ.get(ENV, "").strip().lower() or "retain"
     if value not in ENV_VALUES:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: accepted: {', '.join(ENV_VALUES)} (or unset)")
-    return value == "retain" and _apply(RETAINED)
+        raise SettingError(f"{ENV}={os.environ[ENV]!r}: accepted: {', '.join(ENV_VALUES)} (or unset)")
+    return value
+
+
+def retain_freed_memory() -> bool:
+    """Reuse freed blocks instead of unmapping them (idempotent); True if the setting is in force."""
+    return setting() == "retain" and _apply(RETAINED)
 
 
 def glibc_default() -> bool:

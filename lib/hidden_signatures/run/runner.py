@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import allocator
 from . import derived, pipeline, schedule
 from . import params as params_mod
 from .notebooks import execute
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             raise params_mod.ParamsError(f"no pairs given and {args.params_dir / DEFAULT_PAIRS_FILE} lists none")
         paths = [params_mod.find_params(n, args.params_dir) for n in names]
         runs = plan(paths, args.quick)
-    except params_mod.ParamsError as exc:
+        allocator.setting()  # a bad HIDDEN_SIGNATURES_MALLOC fails here, not when the first trainer starts
+    except (params_mod.ParamsError, allocator.SettingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
