@@ -99,8 +99,8 @@ class _FusedLoss(torch.autograd.Function):
         W_dec = (W_dec_A.to(dtype), W_dec_B.to(dtype))
         if sparse is None:
             xhat = [(f_NH @ W).float() for W in W_dec]
-            fired = f_NH.amax(0) > 0
             f_sum_H = torch.sum(f_NH, 0, dtype=torch.float32)
+            fired = f_sum_H > 0  # f >= 0 after the ReLU, so its sum is positive exactly where one fired
         else:
             xhat = [sparse.product(sparse.vals.to(dtype), W).float() for W in W_dec]
             fired = torch.bincount(sparse.col, minlength=f_NH.shape[1]) > 0
