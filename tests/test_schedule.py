@@ -82,7 +82,13 @@ def test_dependencies_must_name_earlier_tasks(tmp_path) -> None:
         schedule.check_order([task(tmp_path, "a"), task(tmp_path, "a")])
 
 
-def test_point_tasks_train_everything_first_and_analyse_a_layer_after_all_its_crosscoders() -> None:
+@pytest.fixture
+def bf16_machine(monkeypatch) -> None:
+    """The shipped graph as on a CPU with native bf16 (an fp32 machine's `fp32_cpu` sections drop seed 2)."""
+    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "bfloat16")
+
+
+def test_point_tasks_train_everything_first_and_analyse_a_layer_after_all_its_crosscoders(bf16_machine) -> None:
     run = params.load(ROOT / "params" / "smollm2-finetuned.yaml")
     layers = {label: None for label in params.labels_of(run.layers)}
     tasks = runner.point_tasks(run, layers, ROOT / "notebooks", {"params_file": "x", "quick": False})
@@ -104,7 +110,7 @@ def default_graph() -> list[schedule.Task]:
     return runner.all_tasks(runs, ROOT / "notebooks", quick=False)
 
 
-def test_all_tasks_let_the_next_pairs_set_up_overlap_this_pairs_training() -> None:
+def test_all_tasks_let_the_next_pairs_set_up_overlap_this_pairs_training(bf16_machine) -> None:
     tasks = default_graph()
     schedule.check_order(tasks)
     by_name = {t.name: t for t in tasks}
@@ -127,7 +133,7 @@ def test_all_tasks_let_the_next_pairs_set_up_overlap_this_pairs_training() -> No
     assert sanity == ["middle", "last", "first", "first-seed1", "first-seed2"]
 
 
-def test_all_tasks_summary_notebooks_wait_for_what_they_read() -> None:
+def test_all_tasks_summary_notebooks_wait_for_what_they_read(bf16_machine) -> None:
     tasks = default_graph()
     by_name = {t.name: t for t in tasks}
     assert by_name[runner.VALIDATION_NOTEBOOK].after == ()  # planted ground truth: reads no pair
@@ -137,6 +143,15 @@ def test_all_tasks_summary_notebooks_wait_for_what_they_read() -> None:
     assert not any(n.startswith("smollm2-gemma3 ") for n in distill_after)
     assert set(by_name[runner.SUMMARY_NOTEBOOK].after) == set(by_name) - {runner.SUMMARY_NOTEBOOK}
     assert tasks[-1].name == runner.SUMMARY_NOTEBOOK
+
+
+def test_an_fp32_machine_trains_two_seeds_where_bf16_trains_three(monkeypatch) -> None:
+    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "float32")
+    names = {t.name for t in default_graph()}
+    assert "distill-jacobian 03_train middle-seed1" in names
+    assert not any("seed2" in n for n in names)
+    assert "distill-jacobian 04_analysis middle-seed1" in set(next(
+        t for t in default_graph() if t.name == runner.DISTILL_NOTEBOOK).after)
 
 
 def test_missing_notebooks_drop_out_and_their_dependants_wait_on_what_they_waited_for(tmp_path) -> None:
