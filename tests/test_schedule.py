@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def records(tmp_path: Path) -> dict[str, dict]:
     return {r["name"]: r for r in map(json.loads, lines)}
 
 
-def test_dependencies_wait_and_at_most_jobs_run_at_once(tmp_path) -> None:
+def test_dependencies_wait_and_at_most_jobs_run_at_once(tmp_path, capsys) -> None:
     tasks = [task(tmp_path, "a", sleep=1.5), task(tmp_path, "b", sleep=1.5), task(tmp_path, "c", sleep=1.5),
              task(tmp_path, "d", after=("a", "b"))]
     schedule.run_tasks(tasks, jobs=2, cwd=tmp_path)
@@ -56,6 +57,9 @@ def test_dependencies_wait_and_at_most_jobs_run_at_once(tmp_path) -> None:
         assert sum(1 for s, e in spans if s <= t < e) <= 2
     assert {r["threads"] for r in rec.values()} == {str(schedule.threads_per_job(2))}
     assert all(t.log.exists() for t in tasks)
+    lines = capsys.readouterr().out.splitlines()  # each start and end stamped with the run's minutes
+    assert re.fullmatch(r"\[ +0\.0 min\] == a -> .*", lines[0])
+    assert sum(bool(re.fullmatch(r"\[ +\d+\.\d min\]    done [a-d] in \d+ s", ln)) for ln in lines) == 4
 
 
 def test_a_failure_names_the_notebook_and_log_and_stops_the_rest(tmp_path, capsys) -> None:

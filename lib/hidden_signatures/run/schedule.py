@@ -86,10 +86,12 @@ def run_tasks(tasks: list[Task], jobs: int, cwd: Path) -> None:
     check_order(tasks)
     env = dict(os.environ, **dict.fromkeys(THREAD_VARS, str(threads_per_job(jobs))))
     pending, running, done = list(tasks), {}, set()
+    t_run = time.perf_counter()
     try:
         while pending or running:
             for task in _ready(pending, done, jobs - len(running)):
                 pending.remove(task)
+                print(f"{_stamp(t_run)} == {task.name} -> {task.output} (log: {task.log})", flush=True)
                 running[task.name] = (task, _start(task, env, cwd), time.perf_counter())
             time.sleep(POLL_SECONDS)
             for name, (task, proc, t0) in list(running.items()):
@@ -99,10 +101,15 @@ def run_tasks(tasks: list[Task], jobs: int, cwd: Path) -> None:
                 if proc.returncode != 0:
                     raise TaskFailed(_failure(task, proc.returncode))
                 done.add(name)
-                print(f"   done {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"{_stamp(t_run)}    done {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         for _, proc, _ in running.values():
             _stop(proc)
+
+
+def _stamp(t_run: float) -> str:
+    """Minutes since the run's first job started, so a log shows when each job ran beside which."""
+    return f"[{(time.perf_counter() - t_run) / 60:6.1f} min]"
 
 
 def _ready(pending: list[Task], done: set[str], free: int) -> list[Task]:
@@ -112,7 +119,6 @@ def _ready(pending: list[Task], done: set[str], free: int) -> list[Task]:
 
 def _start(task: Task, env: dict, cwd: Path) -> subprocess.Popen:
     task.output.parent.mkdir(parents=True, exist_ok=True)
-    print(f"== {task.name} -> {task.output} (log: {task.log})", flush=True)
     with open(task.log, "w", encoding="utf-8") as log:
         return subprocess.Popen([sys.executable, "-m", __name__, str(task.notebook), str(task.output),
                                  json.dumps(task.parameters)], cwd=cwd, env=env, stdout=log,
