@@ -125,3 +125,15 @@ def _chromium_or_none() -> str | None:
 needs_chromium = pytest.mark.skipif(
     _chromium_or_none() is None,
     reason="no Chrome/Chromium on this machine (apt-get install -y chromium); PNG export cannot run")
+
+
+@pytest.fixture
+def bf16_machine(monkeypatch) -> None:
+    """The shipped params as on a CPU with native bf16 (elsewhere their `fp32_cpu` sections apply)."""
+    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "bfloat16")
+
+
+@pytest.fixture
+def fp32_machine(monkeypatch) -> None:
+    """The shipped params as on a CPU without native bf16: their `fp32_cpu` sections apply."""
+    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "float32")

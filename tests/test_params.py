@@ -42,17 +42,6 @@ DELETE = object()
 
 
 # -- good inputs -----------------------------------------------------------------------------------
-@pytest.fixture
-def bf16_machine(monkeypatch) -> None:
-    """The shipped budgets as on a CPU with native bf16 (elsewhere their fp32_cpu sections apply)."""
-    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "bfloat16")
-
-
-@pytest.fixture
-def fp32_machine(monkeypatch) -> None:
-    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "float32")
-
-
 def test_shipped_smollm2_same_loads(bf16_machine) -> None:
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert run.name == "smollm2-same" and run.model_a == run.model_b == "smollm2-135m"

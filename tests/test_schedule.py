@@ -86,12 +86,6 @@ def test_dependencies_must_name_earlier_tasks(tmp_path) -> None:
         schedule.check_order([task(tmp_path, "a"), task(tmp_path, "a")])
 
 
-@pytest.fixture
-def bf16_machine(monkeypatch) -> None:
-    """The shipped graph as on a CPU with native bf16 (an fp32 machine's `fp32_cpu` sections drop seed 2)."""
-    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "bfloat16")
-
-
 def test_point_tasks_train_everything_first_and_analyse_a_layer_after_all_its_crosscoders(bf16_machine) -> None:
     run = params.load(ROOT / "params" / "smollm2-finetuned.yaml")
     layers = {label: None for label in params.labels_of(run.layers)}
@@ -149,8 +143,7 @@ def test_all_tasks_summary_notebooks_wait_for_what_they_read(bf16_machine) -> No
     assert tasks[-1].name == runner.SUMMARY_NOTEBOOK
 
 
-def test_an_fp32_machine_trains_two_seeds_where_bf16_trains_three(monkeypatch) -> None:
-    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "float32")
+def test_an_fp32_machine_trains_two_seeds_where_bf16_trains_three(fp32_machine) -> None:
     names = {t.name for t in default_graph()}
     assert "distill-jacobian 03_train middle-seed1" in names
     assert not any("seed2" in n for n in names)
