@@ -144,11 +144,10 @@ def test_all_tasks_summary_notebooks_wait_for_what_they_read(bf16_machine) -> No
 
 
 def test_an_fp32_machine_trains_two_seeds_where_bf16_trains_three(fp32_machine) -> None:
-    names = {t.name for t in default_graph()}
-    assert "distill-jacobian 03_train middle-seed1" in names
-    assert not any("seed2" in n for n in names)
-    assert "distill-jacobian 04_analysis middle-seed1" in set(next(
-        t for t in default_graph() if t.name == runner.DISTILL_NOTEBOOK).after)
+    by_name = {t.name: t for t in default_graph()}
+    assert "distill-jacobian 03_train middle-seed1" in by_name
+    assert not any("seed2" in n for n in by_name)
+    assert "distill-jacobian 04_analysis middle-seed1" in by_name[runner.DISTILL_NOTEBOOK].after
 
 
 def test_missing_notebooks_drop_out_and_their_dependants_wait_on_what_they_waited_for(tmp_path) -> None:
