@@ -45,8 +45,12 @@ class BenchConfig:
     shape (run_matmul: batch, d, H): where the sparse step stops paying is train.sparse_below."""
     distill_seqs: int = 8
     """Sequences per distillation step in the student-training benchmark."""
-    distill_len: int = 128
-    """Tokens per sequence in the student-training benchmark."""
+    distill_len: int = 256
+    """Tokens per sequence in the student-training benchmark (the default run's corpus.seq_len)."""
+    distill_params: str = "distill-kl-vs-jacobian"
+    """Params file whose distill section (with its fp32_cpu part where that applies) sets the benchmarked
+    students: start blocks, objective weights, the Jacobian term's directions and sequences. "": the
+    DistillConfig defaults (a teacher too small for the default run's start, as in the tests)."""
     allocator_rounds: int = 2
     """Child processes per side of the allocator comparison (alternating), each timing `repeats` steps."""
     compile: bool = True

@@ -8,7 +8,9 @@ same step, against autograd through Crosscoder.loss, and against candidate varia
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,12 +22,14 @@ from hidden_signatures.crosscoders import crosscoder as cc_mod
 from hidden_signatures.crosscoders import sparse_probe
 from hidden_signatures.models import distill, finetune, lm_training
 from hidden_signatures.models import loading as models
+from hidden_signatures.run import derived, params
 from hidden_signatures.crosscoders import train as train_mod
 from hidden_signatures.crosscoders.train_config import TrainConfig
 
 LossFn = Callable[[cc_mod.Crosscoder, torch.Tensor, torch.Tensor, float], torch.Tensor]
 BF16_STEP, FP32_STEP = "bf16", "fp32"
 BF16_WEIGHTS = "bf16 weights and Adam state (no fp32 master)"
+REPO = Path(__file__).resolve().parents[1]
 AUTOGRAD = "autograd through Crosscoder.loss"
 BATCHTOPK_K = 32
 """k of the BatchTopK rows (the crosscoder.k default)."""
@@ -310,18 +314,32 @@ def bench_threads(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
 # -- 2d. students ----------------------------------------------------------------------------------
 
 
+def run_distill_config(cfg: BenchConfig, dtype: str) -> distill.DistillConfig:
+    """The default run's distillation settings on this machine (params/<cfg.distill_params>.yaml, its
+    fp32_cpu section applied where it applies), as one step in `dtype`; DistillConfig's defaults if it is "": the objectives' weights, the
+    Jacobian term's directions and sequences, and the student's start, as the run trains them."""
+    if not cfg.distill_params:
+        return distill.DistillConfig(steps=1, warmup_steps=0, autocast_dtype=dtype)
+    run = params.load(params.find_params(cfg.distill_params, REPO / "params"))
+    return dataclasses.replace(derived.train_config(run, "distill-kl"), steps=1, warmup_steps=0,
+                               autocast_dtype=dtype)
+
+
 def student_setup(cfg: BenchConfig, dtype: str):
-    """(teacher, its half-depth student, a one-step DistillConfig in `dtype`, a seeded random batch)."""
+    """(teacher, the default run's student of it, that run's one-step DistillConfig in `dtype`, a seeded
+    random batch of cfg.distill_seqs x cfg.distill_len)."""
+    lm_cfg = run_distill_config(cfg, dtype)
     teacher, _tok = models.load_model(cfg.model, dtype=torch.float32)
-    student, _ = distill.make_student(teacher)
+    student, _ = distill.make_student(teacher, lm_cfg.student_blocks)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch_BT = torch.randint(0, teacher.config.vocab_size, (cfg.distill_seqs, cfg.distill_len), generator=gen)
-    return teacher, student, distill.DistillConfig(steps=1, warmup_steps=0, autocast_dtype=dtype), batch_BT
+    return teacher, student, lm_cfg, batch_BT
 
 
 def bench_distill(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
-    """One distillation step (KL, and KL + Jacobian) against a plain forward + backward of the student
-    (LM loss) on the same batch, all in the chosen precision and through the shared LM step."""
+    """One distillation step (KL, and KL + Jacobian as the default run trains it) against a plain
+    forward + backward of the student (LM loss) on the same batch, all in the chosen precision and
+    through the shared LM step."""
     teacher, student, lm_cfg, batch_BT = student_setup(cfg, prec.chosen)
     eager_teacher, eager_student = copy.deepcopy(teacher), copy.deepcopy(student)
     for model in (eager_teacher, eager_student):
@@ -339,10 +357,14 @@ def bench_distill(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
            "kl_jacobian": step(eager_student, distill.make_step_fn(eager_teacher, lm_cfg, "kl_jacobian"), eager_opt)}
     times = time_interleaved(fns, cfg.repeats)
     tag = f"{cfg.distill_seqs} x {cfg.distill_len} tokens, {prec.short}"
+    jac = min(lm_cfg.jac_max_seqs or cfg.distill_seqs, cfg.distill_seqs)
     entries = [ratio_entry(f"student step ({tag}): KL distillation vs a plain forward + backward of the student",
                            times["kl"], times["plain"], 0.5),
-               ratio_entry(f"student step ({tag}): KL + Jacobian vs a plain forward + backward of the student",
-                           times["kl_jacobian"], times["plain"], 0.2)]
+               ratio_entry(f"student step ({tag}): KL + Jacobian as the default run trains it (Jacobian term on "
+                           f"{jac} of {cfg.distill_seqs} sequences, {lm_cfg.n_dirs} direction(s)) vs a plain "
+                           f"forward + backward of the student", times["kl_jacobian"], times["plain"], 0.2)]
     say(f"student step: plain {min(times['plain']):.2f} s, kl {min(times['kl']):.2f} s, "
         f"kl_jacobian {min(times['kl_jacobian']):.2f} s")
-    return entries, {"student_layers": student.config.num_hidden_layers}
+    return entries, {"student_layers": student.config.num_hidden_layers, "distill_params": cfg.distill_params,
+                     "student_blocks": lm_cfg.student_blocks, "jacobian_n_dirs": lm_cfg.n_dirs,
+                     "jacobian_seqs": jac}

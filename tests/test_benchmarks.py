@@ -41,7 +41,26 @@ def tiny_bench(model_dir) -> bench.BenchConfig:
                              dict_size=64, batch_size=32, trained_l0=8, compile=False, e2e_tokens=120,
                              e2e_steps=3, e2e_batch=16, e2e_dict=32, growth_steps=(2, 4),
                              store_rows=(200, 600), memory_steps=2, run_matmul=(16, 16, 48),
-                             matmul_call_s=0.01, threshold_l0s=(4, 16), distill_seqs=2, distill_len=8)
+                             matmul_call_s=0.01, threshold_l0s=(4, 16), distill_seqs=2, distill_len=8,
+                             distill_params="")  # the default run's 15-block start needs 30 blocks
+
+
+@pytest.mark.parametrize("machine, steps_, blocks", [("bf16_machine", 160, None),
+                                                    ("fp32_machine", 60, [0, 1, 2, 3, 4, 5] + list(range(21, 30)))])
+def test_students_are_benchmarked_as_the_default_run_trains_them(request, machine, steps_, blocks):
+    """The student rows time the default run's students: its start blocks and its Jacobian term (one
+    direction on one of 8 sequences), as params/distill-kl-vs-jacobian.yaml sets them on each class."""
+    request.getfixturevalue(machine)
+    run_cfg = steps.run_distill_config(bench.BenchConfig(), "float32")
+    run = steps.params.load(ROOT / "params" / "distill-kl-vs-jacobian.yaml")
+    shipped = steps.derived.train_config(run, "distill-kl")
+    assert shipped.steps == steps_ and shipped.student_blocks == run_cfg.student_blocks == blocks
+    assert (run_cfg.n_dirs, run_cfg.jac_max_seqs) == (shipped.n_dirs, shipped.jac_max_seqs) == (1, 1)
+    assert (run_cfg.steps, run_cfg.warmup_steps, run_cfg.autocast_dtype) == (1, 0, "float32")
+    assert (run_cfg.temperature, run_cfg.alpha, run_cfg.jac_weight) == (shipped.temperature, shipped.alpha,
+                                                                         shipped.jac_weight)
+    default = steps.run_distill_config(bench.BenchConfig(distill_params=""), "bfloat16")
+    assert (default.n_dirs, default.jac_max_seqs, default.student_blocks) == (2, 0, None)
 
 
 def names(results: dict, prefix: str) -> list[str]:
