@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -153,6 +154,20 @@ def _adam(model: torch.nn.Module, fused: bool = True) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=BENCH_LR, **({"fused": True} if fused else {"foreach": True}))
 
 
+def adam_update(ccfg: cc_mod.CrosscoderConfig, seed: int) -> Callable[[], None]:
+    """The fused Adam update alone, over a crosscoder's fp32 parameters with gradients in place: the part
+    of a step that the bare matmuls leave out and that no sparsity shrinks (every weight moves)."""
+    model = cc_mod.build(ccfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=gen) * 1e-3
+    opt = _adam(model)
+    run = opt.step
+    step = lambda: run()  # noqa: E731 (a plain function, so it can carry the count)
+    step.n_params = sum(p.numel() for p in model.parameters())
+    return step
+
+
 # -- 2a. the dense step at the paper's shape -------------------------------------------------------
 
 
@@ -245,6 +260,8 @@ def bench_sparsity(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]
     dense_model = cc_mod.build(ccfg, seed=cfg.seed)
     fns = {"dense": library_step(dense_model, _adam(dense_model), x_NA, x_NB, dtype=prec.chosen),
            "bound": matmul_bound(x_NA, x_NB, dense_model, prec.chosen)}
+    fns["adam"] = adam_update(ccfg, cfg.seed)
+    fns["bound + adam"] = lambda: (fns["bound"](), fns["adam"]())
     densities = {}
     for l0 in cfg.threshold_l0s:
         model = cc_mod.build(ccfg, seed=cfg.seed)
@@ -260,7 +277,10 @@ def bench_sparsity(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]
     times = time_interleaved(fns, max(cfg.repeats, 5))
     tag = f"dA {d}, dB {d}, H {H}, batch {batch}"
     entries = [ratio_entry(f"training step ({tag}, the default run's shape): ours dense ({prec.short}) vs the "
-                           f"bare {prec.short} matmuls of the same step", times["dense"], times["bound"], 0.6)]
+                           f"bare {prec.short} matmuls of the same step", times["dense"], times["bound"], 0.6),
+               ratio_entry(f"training step ({tag}): ours dense ({prec.short}) vs the bare matmuls plus the fused "
+                           f"Adam update of the same parameters (fp32, as train.py keeps them)", times["dense"],
+                           times["bound + adam"], 0.6)]
     ratios = {}
     for l0, density in densities.items():
         entry = ratio_entry(f"training step ({tag}) at L0 {l0} (density {density:.3f}): sparse vs dense",
@@ -270,7 +290,10 @@ def bench_sparsity(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]
     entries.append(ratio_entry(f"BatchTopK training step ({tag}, k {BATCHTOPK_K}): decoding the kept entries "
                                "(decode_active) vs decode(f)", times["batchtopk sparse"], times["batchtopk dense"],
                                1.0))
-    return entries, {"sparse_crossover_density": crossover(ratios), "sparse_ratio_by_density": ratios,
+    median = {name: statistics.median(times[name]) for name in ("dense", "bound", "adam")}
+    return entries, {"run_shape_dense_s": median["dense"], "run_shape_bound_s": median["bound"],
+                     "run_shape_adam_s": median["adam"], "run_shape_params": fns["adam"].n_params,
+                     "sparse_crossover_density": crossover(ratios), "sparse_ratio_by_density": ratios,
                      "sparse_below_auto_run_shape": sparse_below_here(d, d, H, batch, prec)}
 
 

@@ -28,8 +28,8 @@ from hidden_signatures.harvest import activations  # noqa: E402
 from hidden_signatures.crosscoders import crosscoder as cc_mod  # noqa: E402
 
 ENTRY_KEYS = {"name", "ours_s", "baseline_s", "ratio", "ratio_of_mins", "repeats", "target", "met"}
-N_ENTRIES = 2 + 2 + 8 + 4 + 1 + 2 + 3 + 1
-"""matmul (2 shapes), harvest, training step (4 + 4 variants), sparse step (bound + 2 L0s + BatchTopK), threads, students,
+N_ENTRIES = 2 + 2 + 8 + 5 + 1 + 2 + 3 + 1
+"""matmul (2 shapes), harvest, training step (4 + 4 variants), sparse step (2 bounds + 2 L0s + BatchTopK), threads, students,
 end to end, growth"""
 SUMMARY_KEYS = {"device", "capability", "bf16_native", "dtype", "reason", "bf16_speedup"}
 
@@ -142,8 +142,12 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     assert len(names(results, "training step at trained L0")) == 2
     assert len(names(results, "training step variant: ")) == 4
     default_shape = names(results, "training step (dA 16, dB 16, H 48, batch 16")
-    assert len(default_shape) == 4 and "ours dense" in default_shape[0] and "sparse vs dense" in default_shape[2]
-    assert default_shape[3].endswith(f"{torch.get_num_threads()} threads vs 1 (ideal {torch.get_num_threads()}x)")
+    assert len(default_shape) == 5 and "ours dense" in default_shape[0] and "sparse vs dense" in default_shape[3]
+    assert "bare matmuls plus the fused Adam update" in default_shape[1]
+    checks = results["checks"]
+    assert checks["run_shape_params"] == 2 * 48 * (16 + 16) + 48 + 16 + 16  # W_enc, W_dec, b_enc, b_dec
+    assert checks["run_shape_adam_s"] > 0 and checks["run_shape_bound_s"] > 0 and checks["run_shape_dense_s"] > 0
+    assert default_shape[4].endswith(f"{torch.get_num_threads()} threads vs 1 (ideal {torch.get_num_threads()}x)")
     density = results["checks"]["sparse_crossover_density"]
     assert density is None or 0 < density <= 1
     assert len(names(results, "student step (2 x 8 tokens")) == 2
