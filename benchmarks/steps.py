@@ -369,14 +369,11 @@ def bench_distill(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
         distill.ensure_eager(model)  # as distill.distill does for kl_jacobian: forward-mode AD needs eager
     opt, eager_opt = lm_training.make_optimizer(student, lm_cfg), lm_training.make_optimizer(eager_student, lm_cfg)
 
-    def plain(model, ids):
-        loss = finetune.lm_loss(model(input_ids=ids).logits, ids)
-        return loss, {}
-
     def step(model, fn, optimizer) -> Callable[[], None]:
         return lambda: lm_training._train_step(model, fn, batch_BT, 0, optimizer, lm_cfg)
 
-    fns = {"plain": step(student, plain, opt), "kl": step(student, distill.make_step_fn(teacher, lm_cfg, "kl"), opt),
+    fns = {"plain": step(student, finetune.lm_step, opt),  # the fine-tune's step: LM loss only
+           "kl": step(student, distill.make_step_fn(teacher, lm_cfg, "kl"), opt),
            "kl_jacobian": step(eager_student, distill.make_step_fn(eager_teacher, lm_cfg, "kl_jacobian"), eager_opt)}
     times = time_interleaved(fns, cfg.repeats)
     tag = f"{cfg.distill_seqs} x {cfg.distill_len} tokens, {prec.short}"

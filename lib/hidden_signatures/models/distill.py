@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import io
-from . import lm_training
-from .finetune import heldout_loss, lm_loss
+from . import lm_training, logit_losses
+from .finetune import heldout_loss
 from .lm_training import LMTrainConfig, StepFn, is_complete, model_dir, run
 
 OBJECTIVES = ("kl", "kl_jacobian")
@@ -198,9 +198,9 @@ def make_step_fn(teacher: nn.Module, cfg: DistillConfig, objective: str) -> Step
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch_BT).logits
         student_logits = student(input_ids=batch_BT).logits
-        kl = kl_loss(student_logits, teacher_logits, cfg.temperature)
-        lm = lm_loss(student_logits, batch_BT)
-        loss = cfg.alpha * kl + (1 - cfg.alpha) * lm
+        # kl_loss and lm_loss, a chunk of sequences at a time (their gradients exactly: logit_losses)
+        loss, kl, lm = logit_losses.distill_loss(student_logits, teacher_logits, batch_BT, cfg.temperature,
+                                                 cfg.alpha)
         logged = {"kl": float(kl.detach()), "lm": float(lm.detach())}
         if objective == "kl_jacobian":
             # drawn from the loop's per-step seeded RNG, so a resumed run sees the same directions

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import io
-from . import lm_training
+from . import lm_training, logit_losses
 from .lm_training import LMTrainConfig, is_complete, model_dir, run
 
 
@@ -29,8 +29,9 @@ def lm_loss(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tenso
 
 
 def lm_step(model: nn.Module, batch_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training step of fine-tuning: plain LM loss, nothing extra logged."""
-    return lm_loss(model(input_ids=batch_BT).logits, batch_BT), {}
+    """The training step of fine-tuning: plain LM loss (taken a chunk of sequences at a time, with
+    lm_loss's gradients: logit_losses), nothing extra logged."""
+    return logit_losses.lm_loss(model(input_ids=batch_BT).logits, batch_BT), {}
 
 
 def finetune_key(base_spec: str, data_fingerprint: str, cfg: LMTrainConfig) -> str:
