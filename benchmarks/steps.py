@@ -162,8 +162,10 @@ def adam_update(ccfg: cc_mod.CrosscoderConfig, seed: int) -> Callable[[], None]:
     for param in model.parameters():
         param.grad = torch.randn(param.shape, generator=gen) * 1e-3
     opt = _adam(model)
-    run = opt.step
-    step = lambda: run()  # noqa: E731 (a plain function, so it can carry the count)
+
+    def step() -> None:
+        opt.step()
+
     step.n_params = sum(p.numel() for p in model.parameters())
     return step
 
@@ -339,8 +341,8 @@ def bench_threads(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
 
 def run_distill_config(cfg: BenchConfig, dtype: str) -> distill.DistillConfig:
     """The default run's distillation settings on this machine (params/<cfg.distill_params>.yaml, its
-    fp32_cpu section applied where it applies), as one step in `dtype`; DistillConfig's defaults if it is "": the objectives' weights, the
-    Jacobian term's directions and sequences, and the student's start, as the run trains them."""
+    fp32_cpu section applied where it applies: the objectives' weights, the Jacobian term's directions
+    and sequences, the student's start) as one step in `dtype`; DistillConfig's defaults if it is ""."""
     if not cfg.distill_params:
         return distill.DistillConfig(steps=1, warmup_steps=0, autocast_dtype=dtype)
     run = params.load(params.find_params(cfg.distill_params, REPO / "params"))

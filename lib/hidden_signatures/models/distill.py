@@ -136,10 +136,8 @@ def ensure_eager(model: nn.Module) -> None:
 def kl_loss(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor,
             temperature: float) -> torch.Tensor:
     """T^2 * mean over positions of KL(teacher || student) between temperature-T softmaxes, in fp32."""
-    log_ps = F.log_softmax(student_logits_BTV.float() / temperature, dim=-1)
-    log_pt = F.log_softmax(teacher_logits_BTV.float() / temperature, dim=-1)
-    n_pos = log_ps.shape[0] * log_ps.shape[1]
-    return F.kl_div(log_ps, log_pt, log_target=True, reduction="sum") / n_pos * temperature**2
+    n_pos = student_logits_BTV.shape[0] * student_logits_BTV.shape[1]
+    return logit_losses.kl_sum(student_logits_BTV, teacher_logits_BTV, temperature) / n_pos * temperature**2
 
 
 def random_directions(shape_BTD: tuple[int, int, int], n_dirs: int,

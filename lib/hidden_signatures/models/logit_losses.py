@@ -28,14 +28,14 @@ def chunk_sequences(logits_BTV: torch.Tensor, budget: int | None = None) -> int:
     return max(1, (CHUNK_ELEMENTS if budget is None else budget) // (T * V))
 
 
-def _kl_sum(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
+def kl_sum(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
     """Sum over positions of KL(teacher || student) between temperature-T softmaxes, in fp32."""
     log_ps = F.log_softmax(student_BTV.float() / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_BTV.float() / temperature, dim=-1)
     return F.kl_div(log_ps, log_pt, log_target=True, reduction="sum")
 
 
-def _lm_sum(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tensor:
+def lm_sum(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross entropy (fp32) of positions 0..T-2 against tokens 1..T-1."""
     logits = logits_BTV[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids_BT[:, 1:].reshape(-1), reduction="sum")
@@ -49,26 +49,26 @@ class _ChunkedLoss(torch.autograd.Function):
         B, T, _ = logits_BTV.shape
         n_pos, n_tok = B * T, B * (T - 1)
         grad_BTV = torch.empty_like(logits_BTV)
-        kl_sum = logits_BTV.new_zeros((), dtype=torch.float32)
-        lm_sum = logits_BTV.new_zeros((), dtype=torch.float32)
+        kl_total = logits_BTV.new_zeros((), dtype=torch.float32)
+        lm_total = logits_BTV.new_zeros((), dtype=torch.float32)
         with torch.enable_grad():
             for start in range(0, B, chunk):
                 rows = slice(start, start + chunk)
                 z = logits_BTV[rows].detach().requires_grad_(True)
-                lm = _lm_sum(z, input_ids_BT[rows])
+                lm = lm_sum(z, input_ids_BT[rows])
                 if teacher_BTV is None:
                     part = lm / n_tok
                 else:
-                    kl = _kl_sum(z, teacher_BTV[rows], temperature)
+                    kl = kl_sum(z, teacher_BTV[rows], temperature)
                     part = alpha * (kl / n_pos * temperature**2) + (1 - alpha) * (lm / n_tok)
-                    kl_sum += kl.detach()
+                    kl_total += kl.detach()
                 grad_BTV[rows], = torch.autograd.grad(part, z)
-                lm_sum += lm.detach()
+                lm_total += lm.detach()
         ctx.save_for_backward(grad_BTV)
-        lm_mean = lm_sum / n_tok
+        lm_mean = lm_total / n_tok
         if teacher_BTV is None:
             return lm_mean, lm_mean.new_zeros(()), lm_mean.clone()  # three distinct outputs
-        kl_mean = kl_sum / n_pos * temperature**2
+        kl_mean = kl_total / n_pos * temperature**2
         return alpha * kl_mean + (1 - alpha) * lm_mean, kl_mean, lm_mean
 
     @staticmethod
