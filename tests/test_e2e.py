@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,10 @@ def test_tiny_pair_end_to_end(tiny_inputs):
     roots = artifacts_root()
     proc = run_pipeline(tiny_params(tiny_inputs), roots, "--quick")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    done = proc.stdout.strip().splitlines()[-1]  # where the wall time went, notebook by notebook
+    assert re.fullmatch(r"all done in \d+ s on \d+ job slot\(s\); job-minutes by notebook: (\w+ \d+\.\d, )+"
+                        r"\w+ \d+\.\d; total \d+\.\d", done), done
+    assert all(f"{nb} " in done for nb in ("00_models", "03_train", "04_analysis", "07_validation", "99_summary"))
     for layer in LAYERS:
         out = roots / "results" / "tiny-e2e" / layer
         assert (out / "crosscoder.safetensors").stat().st_size > 0

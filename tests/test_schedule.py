@@ -48,8 +48,10 @@ def records(tmp_path: Path) -> dict[str, dict]:
 def test_dependencies_wait_and_at_most_jobs_run_at_once(tmp_path, capsys) -> None:
     tasks = [task(tmp_path, "a", sleep=1.5), task(tmp_path, "b", sleep=1.5), task(tmp_path, "c", sleep=1.5),
              task(tmp_path, "d", after=("a", "b"))]
-    schedule.run_tasks(tasks, jobs=2, cwd=tmp_path)
+    seconds = schedule.run_tasks(tasks, jobs=2, cwd=tmp_path)
     rec = records(tmp_path)
+    assert set(seconds) == {"a", "b", "c", "d"}
+    assert all(seconds[n] >= rec[n]["end"] - rec[n]["start"] >= 1.5 for n in "abc")
     assert set(rec) == {"a", "b", "c", "d"}
     assert rec["d"]["start"] >= max(rec["a"]["end"], rec["b"]["end"])
     spans = sorted((r["start"], r["end"]) for r in rec.values())
@@ -60,6 +62,17 @@ def test_dependencies_wait_and_at_most_jobs_run_at_once(tmp_path, capsys) -> Non
     lines = capsys.readouterr().out.splitlines()  # each start and end stamped with the run's minutes
     assert re.fullmatch(r"\[ +0\.0 min\] == a -> .*", lines[0])
     assert sum(bool(re.fullmatch(r"\[ +\d+\.\d min\]    done [a-d] in \d+ s", ln)) for ln in lines) == 4
+
+
+def test_job_minutes_add_up_each_notebooks_tasks_dearest_first(tmp_path) -> None:
+    def named(name: str, stem: str) -> schedule.Task:
+        return schedule.Task(name, tmp_path / f"{stem}.py", tmp_path / f"{name}.ipynb", {})
+
+    tasks = [named("p 00_models", "00_models"), named("p 03_train first", "03_train"),
+             named("p 03_train last", "03_train"), named("q 03_train first", "03_train"), named("never", "99_summary")]
+    seconds = {"p 00_models": 600.0, "p 03_train first": 300.0, "p 03_train last": 420.0, "q 03_train first": 6.0}
+    assert schedule.job_minutes(tasks, seconds) == ("job-minutes by notebook: 03_train 12.1, 00_models 10.0; "
+                                                    "total 22.1")
 
 
 def test_a_failure_names_the_notebook_and_log_and_stops_the_rest(tmp_path, capsys) -> None:

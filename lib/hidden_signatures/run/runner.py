@@ -204,23 +204,24 @@ def _present(tasks: list[schedule.Task]) -> list[schedule.Task]:
     return out
 
 
-def run_tasks(tasks: list[schedule.Task], jobs: int, cwd: Path) -> None:
-    """Side by side in their own processes when jobs > 1; else one after another, output streamed here."""
+def run_tasks(tasks: list[schedule.Task], jobs: int, cwd: Path) -> dict[str, float]:
+    """Side by side in their own processes when jobs > 1; else one after another, output streamed here.
+
+    Returns each task's wall seconds by name."""
     if jobs > 1:
-        schedule.run_tasks(tasks, jobs, cwd)
-        return
+        return schedule.run_tasks(tasks, jobs, cwd)
     schedule.check_order(tasks)
-    for task in tasks:
-        _run_one(task.notebook, task.output, task.parameters, cwd)
+    return {task.name: _run_one(task.notebook, task.output, task.parameters, cwd) for task in tasks
+            if task.notebook.exists()}
 
 
-def _run_one(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
-    if not notebook.exists():
-        return
+def _run_one(notebook: Path, output: Path, parameters: dict, cwd: Path) -> float:
     t0 = time.perf_counter()
     print(f"== {notebook.stem} {parameters.get('layer', '')} -> {output}", flush=True)
     execute(notebook, output, parameters, cwd)
-    print(f"   done in {time.perf_counter() - t0:.0f} s", flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"   done in {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    tasks = all_tasks(runs, args.notebooks_dir, args.quick, summary=not args.no_summary)
     try:
-        run_tasks(all_tasks(runs, args.notebooks_dir, args.quick, summary=not args.no_summary), args.jobs, cwd)
+        seconds = run_tasks(tasks, args.jobs, cwd)
     except schedule.TaskFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"all done in {time.perf_counter() - t0:.0f} s")
+    print(f"all done in {time.perf_counter() - t0:.0f} s on {args.jobs} job slot(s); "
+          f"{schedule.job_minutes(tasks, seconds)}")
     return 0
 
 

@@ -77,15 +77,15 @@ def check_order(tasks: list[Task]) -> None:
         seen.add(task.name)
 
 
-def run_tasks(tasks: list[Task], jobs: int, cwd: Path) -> None:
+def run_tasks(tasks: list[Task], jobs: int, cwd: Path) -> dict[str, float]:
     """Run tasks, at most `jobs` at a time, each when its dependencies are done; list order is priority.
 
-    On a failure no new task starts, the running ones are stopped, and TaskFailed names the
-    notebook and its log (whose last lines are printed).
+    Returns each task's wall seconds by name. On a failure no new task starts, the running ones
+    are stopped, and TaskFailed names the notebook and its log (whose last lines are printed).
     """
     check_order(tasks)
     env = dict(os.environ, **dict.fromkeys(THREAD_VARS, str(threads_per_job(jobs))))
-    pending, running, done = list(tasks), {}, set()
+    pending, running, done, seconds = list(tasks), {}, set(), {}
     t_run = time.perf_counter()
     try:
         while pending or running:
@@ -101,10 +101,26 @@ def run_tasks(tasks: list[Task], jobs: int, cwd: Path) -> None:
                 if proc.returncode != 0:
                     raise TaskFailed(_failure(task, proc.returncode))
                 done.add(name)
-                print(f"{_stamp(t_run)}    done {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+                seconds[name] = time.perf_counter() - t0
+                print(f"{_stamp(t_run)}    done {name} in {seconds[name]:.0f} s", flush=True)
     finally:
         for _, proc, _ in running.values():
             _stop(proc)
+    return seconds
+
+
+def job_minutes(tasks: list[Task], seconds: dict[str, float]) -> str:
+    """One line: the job-minutes each notebook took over the run, dearest first, and their total.
+
+    This is where a run's wall time went (on `jobs` slots the wall time is about total / jobs).
+    """
+    by_notebook: dict[str, float] = {}
+    for task in tasks:
+        if task.name in seconds:
+            by_notebook[task.notebook.stem] = by_notebook.get(task.notebook.stem, 0.0) + seconds[task.name] / 60
+    parts = ", ".join(f"{stem} {minutes:.1f}" for stem, minutes in
+                      sorted(by_notebook.items(), key=lambda kv: -kv[1]))
+    return f"job-minutes by notebook: {parts}; total {sum(by_notebook.values()):.1f}"
 
 
 def _stamp(t_run: float) -> str:
