@@ -85,11 +85,11 @@ def run_tasks(tasks: list[Task], jobs: int, cwd: Path) -> dict[str, float]:
     """
     check_order(tasks)
     env = dict(os.environ, **dict.fromkeys(THREAD_VARS, str(threads_per_job(jobs))))
-    pending, running, done, seconds = list(tasks), {}, set(), {}
+    pending, running, seconds = list(tasks), {}, {}  # seconds: the finished tasks
     t_run = time.perf_counter()
     try:
         while pending or running:
-            for task in _ready(pending, done, jobs - len(running)):
+            for task in _ready(pending, seconds, jobs - len(running)):
                 pending.remove(task)
                 print(f"{_stamp(t_run)} == {task.name} -> {task.output} (log: {task.log})", flush=True)
                 running[task.name] = (task, _start(task, env, cwd), time.perf_counter())
@@ -100,7 +100,6 @@ def run_tasks(tasks: list[Task], jobs: int, cwd: Path) -> dict[str, float]:
                 del running[name]
                 if proc.returncode != 0:
                     raise TaskFailed(_failure(task, proc.returncode))
-                done.add(name)
                 seconds[name] = time.perf_counter() - t0
                 print(f"{_stamp(t_run)}    done {name} in {seconds[name]:.0f} s", flush=True)
     finally:
@@ -128,7 +127,7 @@ def _stamp(t_run: float) -> str:
     return f"[{(time.perf_counter() - t_run) / 60:6.1f} min]"
 
 
-def _ready(pending: list[Task], done: set[str], free: int) -> list[Task]:
+def _ready(pending: list[Task], done: dict[str, float], free: int) -> list[Task]:
     """The first `free` pending tasks whose dependencies are all done."""
     return [t for t in pending if all(d in done for d in t.after)][:max(0, free)]
 
