@@ -41,7 +41,7 @@ SETTINGS: dict[str, dict] = {
     "centred, lr warm-up 10%": {"train": {"l1_rate": 0.01}},
     "centred, lr warm-up 10%, L1 rate 0.03 (the default)": {},
 }
-DROP = ("fp32_cpu", "quick", "train_at", "seed_floor", "variants")
+DROP = ("fp32_cpu", "bf16_without_amx", "quick", "train_at", "seed_floor", "variants")
 
 
 def params_for(name: str, change: dict) -> dict:

@@ -129,8 +129,16 @@ needs_chromium = pytest.mark.skipif(
 
 @pytest.fixture
 def bf16_machine(monkeypatch) -> None:
-    """The shipped params as on a CPU with native bf16 (elsewhere their `fp32_cpu` sections apply)."""
+    """The shipped params as on a CPU with AMX (elsewhere `fp32_cpu` or `bf16_without_amx` sections apply)."""
     monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "bfloat16")
+    monkeypatch.setenv("HIDDEN_SIGNATURES_AMX", "1")
+
+
+@pytest.fixture
+def bf16_without_amx_machine(monkeypatch) -> None:
+    """The shipped params as on a CPU with AVX512-BF16 but no AMX: their `bf16_without_amx` sections apply."""
+    monkeypatch.setenv("HIDDEN_SIGNATURES_PRECISION", "bfloat16")
+    monkeypatch.setenv("HIDDEN_SIGNATURES_AMX", "0")
 
 
 @pytest.fixture

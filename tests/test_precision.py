@@ -23,6 +23,8 @@ DATA = SimpleNamespace(d_a=16, d_b=24)
 """Stands for the paired activations: the widths the sparse threshold would be probed at."""
 AMX = {"capability": "AVX512", "amx": True, "avx512_bf16": True}
 AVX2 = {"capability": "AVX2", "amx": False, "avx512_bf16": False}
+ZEN4 = {"capability": "AVX512", "amx": False, "avx512_bf16": True}
+"""AVX512-BF16 without AMX tiles (e.g. AMD Zen 4): bf16 native, about 2x fp32."""
 AVX512_NO_BF16 = {"capability": "AVX512", "amx": False, "avx512_bf16": False}
 
 
@@ -31,6 +33,7 @@ def fresh(monkeypatch, tmp_path):
     """Each test detects afresh, with its own cache and no forcing variable."""
     monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(precision.FORCE_ENV, raising=False)
+    monkeypatch.delenv(precision.AMX_ENV, raising=False)
     precision._detect_cpu.cache_clear()
     yield
     precision._detect_cpu.cache_clear()
@@ -233,10 +236,49 @@ def test_runner_says_when_fp32_budgets_apply(monkeypatch, capsys) -> None:
     from hidden_signatures.run import runner
 
     machine(monkeypatch, AVX2)
-    runner.say_fp32_budget(params.from_dict(FP32_PARAMS))
+    runner.say_cpu_budget(params.from_dict(FP32_PARAMS))
     out = capsys.readouterr().out
     assert "fp32_cpu budgets apply: train.tokens: 40000, quick.train.tokens: 10000" in out
     machine(monkeypatch, AMX)
     precision._detect_cpu.cache_clear()
-    runner.say_fp32_budget(params.from_dict(FP32_PARAMS))
+    runner.say_cpu_budget(params.from_dict(FP32_PARAMS))
     assert capsys.readouterr().out == ""
+
+
+CLASS_PARAMS = {**FP32_PARAMS, "seed_floor": {"seeds": 3, "at": ["first"]},
+                "bf16_without_amx": {"seed_floor": {"seeds": 2}, "analysis": {"splice_seqs": 4}}}
+
+
+@pytest.mark.parametrize("feats, seeds, splice, tokens", [(AMX, 3, 8, 100_000), (ZEN4, 2, 4, 100_000),
+                                                          (AVX2, 3, 8, 40_000)])
+def test_each_cpu_class_takes_its_own_section_and_no_other(monkeypatch, feats, seeds, splice, tokens) -> None:
+    machine(monkeypatch, feats, fp32_s=2e-3)  # bf16 2x fp32 on both bf16 CPUs: AMX tiles, not speed, decide
+    run = params.from_dict(CLASS_PARAMS)
+    assert (run.seed_floor.seeds, run.analysis.splice_seqs, run.train.tokens) == (seeds, splice, tokens)
+    assert params.from_dict(CLASS_PARAMS, quick=True).train.tokens == (10_000 if feats is AVX2 else 30_000)
+
+
+def test_amx_can_be_pinned_by_environment_and_a_bad_value_is_named(monkeypatch) -> None:
+    machine(monkeypatch, ZEN4)
+    monkeypatch.setenv(precision.AMX_ENV, "1")
+    assert params.from_dict(CLASS_PARAMS).seed_floor.seeds == 3
+    monkeypatch.setenv(precision.AMX_ENV, "yes")
+    with pytest.raises(precision.PrecisionError, match="HIDDEN_SIGNATURES_AMX: 'yes' is not accepted; accepted: 0, 1"):
+        params.from_dict(CLASS_PARAMS)
+
+
+def test_bf16_without_amx_typo_is_caught_on_every_machine(monkeypatch) -> None:
+    machine(monkeypatch, AMX)
+    bad = {**CLASS_PARAMS, "bf16_without_amx": {"seed_flor": {"seeds": 2}}}
+    with pytest.raises(params.ParamsError, match="bf16_without_amx overrides: seed_flor: unknown key"):
+        params.from_dict(bad)
+
+
+def test_runner_says_when_bf16_without_amx_budgets_apply(monkeypatch, capsys) -> None:
+    from hidden_signatures.run import runner
+
+    machine(monkeypatch, ZEN4)
+    runner.say_cpu_budget(params.from_dict(CLASS_PARAMS))
+    out = capsys.readouterr().out
+    assert "without AMX tiles" in out and "bf16_without_amx budgets apply: seed_floor.seeds: 2, " \
+        "analysis.splice_seqs: 4" in out and "fp32_cpu" not in out

@@ -163,6 +163,14 @@ def test_an_fp32_machine_trains_two_seeds_where_bf16_trains_three(fp32_machine) 
     assert "distill-jacobian 04_analysis middle-seed1" in by_name[runner.DISTILL_NOTEBOOK].after
 
 
+def test_a_bf16_cpu_without_amx_trains_two_seeds_and_keeps_the_bf16_budgets(bf16_without_amx_machine) -> None:
+    by_name = {t.name: t for t in default_graph()}
+    assert "smollm2-same 03_train first-seed1" in by_name and "distill-jacobian 03_train middle-seed1" in by_name
+    assert not any("seed2" in n for n in by_name)
+    run = params.load(ROOT / "params" / "smollm2-same.yaml")
+    assert run.train.tokens == 1_000_000 and run.harvest.max_tokens is None and run.analysis.splice_seqs == 4
+
+
 def test_missing_notebooks_drop_out_and_their_dependants_wait_on_what_they_waited_for(tmp_path) -> None:
     a, b, c = task(tmp_path, "a"), task(tmp_path, "b", after=("a",)), task(tmp_path, "c", after=("b",))
     b.notebook = tmp_path / "missing.py"

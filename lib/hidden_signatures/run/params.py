@@ -166,6 +166,10 @@ class RunConfig:
     fp32_cpu: dict = field(default_factory=dict)
     """Overrides applied on a CPU without native bf16 (where `dtype: auto` means float32), to keep the
     run's time target there, e.g. {train: {tokens: 400000}, quick: {train: {tokens: 20000}}}; the run says so."""
+    bf16_without_amx: dict = field(default_factory=dict)
+    """Overrides applied on a CPU that computes bf16 natively but without AMX matrix tiles (AVX512-BF16
+    only, e.g. AMD Zen 4), where bf16 matmuls run about 2x fp32 rather than 5x: model forwards (harvest,
+    splice-in) take twice the AMX time, so e.g. {seed_floor: {seeds: 2}}; the run says so."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     relationship: str = ""
@@ -232,21 +236,32 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+OVERLAYS = ("fp32_cpu", "bf16_without_amx")
+"""Params sections merged in on one CPU class only (at most one applies), before the quick ones."""
+
+
 def from_dict(data: dict, quick: bool = False) -> RunConfig:
     """A validated RunConfig from a mapping; `quick` applies the file's own `quick` overrides.
 
-    On a CPU without native bf16 the file's `fp32_cpu` overrides are merged in first (quick ones after).
+    On a CPU without native bf16 the file's `fp32_cpu` overrides are merged in first, on one with
+    bf16 but no AMX its `bf16_without_amx` ones (quick ones after).
     """
     if not isinstance(data, dict):
         raise ParamsError(f"params: expected a mapping at the top level, got {type(data).__name__}")
     run = build(RunConfig, data)
-    if run.fp32_cpu:
+    overlaid = None
+    for name in OVERLAYS:
+        overrides = getattr(run, name)
+        if not overrides:
+            continue
         try:  # checked on every machine, applied only where it counts
-            fp32_run = build(RunConfig, _merge(data, run.fp32_cpu))
+            candidate = build(RunConfig, _merge(data, overrides))
         except ParamsError as exc:
-            raise ParamsError(f"fp32_cpu overrides: {exc}") from None
-        if fp32_cpu_applies(run):
-            data, run = _merge(data, run.fp32_cpu), fp32_run
+            raise ParamsError(f"{name} overrides: {exc}") from None
+        if overlay_applies(run, name):
+            overlaid = (_merge(data, overrides), candidate)
+    if overlaid:
+        data, run = overlaid
     if isinstance(run.quick, dict) and run.quick:
         try:  # a typo in the quick section is caught on every run, not only with --quick
             quick_run = build(RunConfig, _merge(data, run.quick))
@@ -257,8 +272,17 @@ def from_dict(data: dict, quick: bool = False) -> RunConfig:
     return run
 
 
-def fp32_cpu_applies(run: RunConfig) -> bool:
-    """True on a CPU run where bf16 is not native (auto precision resolves to float32)."""
+def overlay_applies(run: RunConfig, name: str) -> bool:
+    """Whether the params section `name` (one of OVERLAYS) is in force for this run's device."""
+    if name == "fp32_cpu":
+        return fp32_cpu_applies(run)
+    if name == "bf16_without_amx":
+        return bf16_without_amx_applies(run)
+    raise ValueError(f"unknown overlay {name!r}; known: {', '.join(OVERLAYS)}")
+
+
+def _cpu_run(run: RunConfig) -> bool:
+    """True when this run computes on the CPU (device cpu, or auto without CUDA)."""
     if run.device not in ("auto", "cpu"):
         return False
     if run.device == "auto":
@@ -266,7 +290,17 @@ def fp32_cpu_applies(run: RunConfig) -> bool:
 
         if torch.cuda.is_available():
             return False
-    return precision.detect("cpu").dtype == "float32"
+    return True
+
+
+def fp32_cpu_applies(run: RunConfig) -> bool:
+    """True on a CPU run where bf16 is not native (auto precision resolves to float32)."""
+    return _cpu_run(run) and precision.detect("cpu").dtype == "float32"
+
+
+def bf16_without_amx_applies(run: RunConfig) -> bool:
+    """True on a CPU run in bf16 on a CPU without AMX tiles (bf16 native through AVX512-BF16 only)."""
+    return _cpu_run(run) and precision.detect("cpu").dtype == "bfloat16" and not precision.has_amx()
 
 
 def override_lines(overrides: dict, prefix: str = "") -> list[str]:

@@ -52,17 +52,23 @@ def plan(paths: list[Path], quick: bool) -> list[tuple[Path, params_mod.RunConfi
     for path in paths:
         run = params_mod.load(path, quick=quick)
         layers = pipeline.validate(run)
-        say_fp32_budget(run)
+        say_cpu_budget(run)
         out.append((path, run, layers))
     return out
 
 
-def say_fp32_budget(run: params_mod.RunConfig) -> None:
-    """One line when the params' fp32_cpu budgets are in force (a CPU without native bf16)."""
-    if run.fp32_cpu and params_mod.fp32_cpu_applies(run):
-        changes = ", ".join(params_mod.override_lines(run.fp32_cpu))
-        print(f"[runner] {run.name}: this CPU computes bf16 slowly, so fp32 and the params' fp32_cpu budgets "
-              f"apply: {changes}", flush=True)
+WHY_OVERLAY = {"fp32_cpu": "this CPU computes bf16 slowly, so fp32 and",
+               "bf16_without_amx": "this CPU computes bf16 without AMX tiles (about 2x fp32, not 5x), so"}
+
+
+def say_cpu_budget(run: params_mod.RunConfig) -> None:
+    """One line when a CPU-class section of the params (fp32_cpu, bf16_without_amx) is in force."""
+    for name in params_mod.OVERLAYS:
+        overrides = getattr(run, name)
+        if overrides and params_mod.overlay_applies(run, name):
+            changes = ", ".join(params_mod.override_lines(overrides))
+            print(f"[runner] {run.name}: {WHY_OVERLAY[name]} the params' {name} budgets apply: {changes}",
+                  flush=True)
 
 
 def quick_roots(quick: bool) -> None:
