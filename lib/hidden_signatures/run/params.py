@@ -274,11 +274,7 @@ def from_dict(data: dict, quick: bool = False) -> RunConfig:
 
 def overlay_applies(run: RunConfig, name: str) -> bool:
     """Whether the params section `name` (one of OVERLAYS) is in force for this run's device."""
-    if name == "fp32_cpu":
-        return fp32_cpu_applies(run)
-    if name == "bf16_without_amx":
-        return bf16_without_amx_applies(run)
-    raise ValueError(f"unknown overlay {name!r}; known: {', '.join(OVERLAYS)}")
+    return {"fp32_cpu": fp32_cpu_applies, "bf16_without_amx": bf16_without_amx_applies}[name](run)
 
 
 def _cpu_run(run: RunConfig) -> bool:
