@@ -102,8 +102,9 @@ if hists:
 # %% [markdown]
 # ## The verdict, beside the seed floor
 # Each student's crosscoder numbers against the teacher, layer by layer, and whether the KL and the
-# Jacobian student differ by more than twice the seed spread (their own three seeds at the middle
-# layer; elsewhere the largest spread of the whole run).
+# Jacobian student differ by more than twice the seed spread (their own seeds at the middle layer,
+# never below the run's spread pooled over every layer with seeds, since two seeds can agree by
+# chance; elsewhere the largest spread of the whole run).
 
 # %%
 summary.compare_pairs(summary.collect(pipeline.results_root()), run_kl.name, run_jac.name)

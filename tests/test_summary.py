@@ -48,3 +48,20 @@ def test_compare_pairs_uses_the_pairs_own_seed_floor_and_says_which_differ(tmp_p
     assert got[("last", "sharedness")]["verdict"] == "within seed noise"  # 0.01 apart, floor 0.014
     cka = summary.compare_pairs(summary.collect(tmp_path), "kl", "jac", metrics=("cka",)).to_dict("records")
     assert {r["verdict"] for r in cka} == {"no seed floor"} and cka[0]["floor from"].startswith("none")
+
+
+def test_a_thin_own_floor_is_raised_to_the_tables_pooled_spread(tmp_path) -> None:
+    """Two seeds that agree by chance must not make a small difference 'differ': the floor is at
+    least the seed spread pooled over the table (here a noisy third pair's)."""
+    points = [("kl", "middle", "middle", 0, 0.80, 0.600), ("kl", "middle-seed1", "middle", 1, 0.80, 0.6001),
+              ("jac", "middle", "middle", 0, 0.80, 0.610), ("jac", "middle-seed1", "middle", 1, 0.80, 0.6101),
+              ("noisy", "middle", "middle", 0, 0.80, 0.60), ("noisy", "middle-seed1", "middle", 1, 0.80, 0.62)]
+    for pair, point, layer, seed, shared, align in points:
+        io.write_json(tmp_path / pair / point / "metrics.json", _point(pair, point, layer, seed, shared, align))
+    frame = summary.collect(tmp_path)
+    pooled = summary.pooled_seed_spread(frame)["alignment"]  # spreads 0.00007, 0.00007, 0.01414 -> ~0.0082
+    assert abs(pooled - ((2 * 0.0001 ** 2 / 2 + 0.02 ** 2 / 2) / 3) ** 0.5) < 1e-9
+    middle_a = next(r for r in summary.compare_pairs(frame, "kl", "jac", metrics=("alignment",)).to_dict("records")
+                    if r["layer"] == "middle")
+    assert middle_a["floor from"] == "whole table, pooled" and abs(middle_a["seed floor"] - pooled) < 1e-12
+    assert middle_a["verdict"] == "within seed noise"  # 0.010 apart: over 2 x 0.00007, under 2 x 0.0082

@@ -98,6 +98,18 @@ def seed_floor(frame: pd.DataFrame) -> dict[str, float]:
             if frame[f"{m}_spread"].notna().any()}
 
 
+def pooled_seed_spread(frame: pd.DataFrame) -> dict[str, float]:
+    """The seed spread pooled over every row with several seeds (sqrt of the dof-weighted mean
+    variance): the table's typical noise, steadier than one row's spread from two or three seeds."""
+    out = {}
+    for m in ("sharedness", "alignment"):
+        rows = frame[frame[f"{m}_spread"].notna() & (frame["seeds"] > 1)]
+        if not rows.empty:
+            dof = rows["seeds"] - 1
+            out[m] = float(((dof * rows[f"{m}_spread"] ** 2).sum() / dof.sum()) ** 0.5)
+    return out
+
+
 def indistinguishable(frame: pd.DataFrame, layer: str = "middle") -> list[str]:
     """Pairs of pairs whose values at `layer` differ by less than the seed floor (one line each)."""
     floor = seed_floor(frame)
@@ -179,8 +191,10 @@ def _tokens(tokens, converged) -> str:
 def compare_pairs(frame: pd.DataFrame, pair_a: str, pair_b: str, metrics: tuple[str, ...] = HEADLINE) -> pd.DataFrame:
     """Two pairs layer by layer (ReLU+L1 crosscoders): each value, their difference, and whether it
     clears twice the seed floor. The floor is the larger of the two pairs' own seed spreads at that
-    layer where they trained several seeds, else the largest spread of the whole table (`floor from`)."""
-    overall = seed_floor(frame)
+    layer where they trained several seeds, raised to the table's pooled spread if that is larger (a
+    spread from two seeds has one degree of freedom and can come out near zero by chance), else the
+    largest spread of the whole table (`floor from` says which)."""
+    overall, pooled = seed_floor(frame), pooled_seed_spread(frame)
     rows = frame[frame["architecture"] == "relu_l1"].set_index(["pair", "layer"])
     out = []
     for layer in LAYER_ORDER:
@@ -190,6 +204,8 @@ def compare_pairs(frame: pd.DataFrame, pair_a: str, pair_b: str, metrics: tuple[
         for metric in metrics:
             own = [s for s in (a.get(f"{metric}_spread"), b.get(f"{metric}_spread")) if s is not None and pd.notna(s)]
             floor, source = (max(own), "these pairs' seeds") if own else (overall.get(metric), "whole table")
+            if own and pooled.get(metric, 0.0) > floor:
+                floor, source = pooled[metric], "whole table, pooled"
             source = source if floor is not None else "none (no seed spread of this metric)"
             diff = b[metric] - a[metric]
             verdict = "no seed floor" if floor is None else (
