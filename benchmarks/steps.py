@@ -173,10 +173,15 @@ def adam_update(ccfg: cc_mod.CrosscoderConfig, seed: int) -> Callable[[], None]:
 # -- 2a. the dense step at the paper's shape -------------------------------------------------------
 
 
+FP32_BOUND = "bound, fp32"
+"""The step's bare matmuls in fp32 where bf16 is chosen: with the bf16 bound, the ceiling of the step's bf16 gain."""
+
+
 def step_variants(cfg: BenchConfig, x_NA: torch.Tensor, x_NB: torch.Tensor,
                   prec: Precision) -> tuple[dict, dict]:
-    """Ours in both precisions, the bare matmul bound in the chosen one, autograd and its variants,
-    and ours at a trained L0 (sparse) against the dense fused step there.
+    """Ours in both precisions, the bare matmul bound in the chosen one (and in fp32 where bf16 is
+    chosen), autograd and its variants, and ours at a trained L0 (sparse) against the dense fused
+    step there.
 
     Where bf16 is emulated (fp32 chosen) the bf16-only functions are built only if affordable."""
     ccfg = cc_mod.CrosscoderConfig(d_a=cfg.d_a, d_b=cfg.d_b, dict_size=cfg.dict_size)
@@ -190,6 +195,7 @@ def step_variants(cfg: BenchConfig, x_NA: torch.Tensor, x_NB: torch.Tensor,
         fns[BF16_STEP] = library_step(model, adam, x_NA, x_NB, dtype="bfloat16")
     fns |= {
         "bound": matmul_bound(x_NA, x_NB, model, prec.chosen),
+        **({FP32_BOUND: matmul_bound(x_NA, x_NB, model, "float32")} if prec.bf16 else {}),
         AUTOGRAD: make_step(model, adam, loss_ours, x_NA, x_NB, autocast=amp),
         "autograd, fused L1": make_step(model, adam, fused_l1_loss, x_NA, x_NB, autocast=amp),
         "foreach Adam": library_step(model, foreach_adam, x_NA, x_NB, dtype=prec.chosen),
@@ -226,6 +232,9 @@ def bench_step(cfg: BenchConfig, prec: Precision) -> tuple[list[dict], dict]:
                                    f"{prec.short})", times[BF16_STEP], times[FP32_STEP], 2.0))
     entries.append(ratio_entry(f"training step ({tag}): ours ({prec.short}) vs the bare {prec.short} "
                                "matmuls of the same step", times[ours], times["bound"], 0.6))
+    if FP32_BOUND in times:  # the step's bf16 gain cannot pass its matmuls' own
+        entries.append(ratio_entry(f"bare matmuls of the training step ({tag}): bf16 vs fp32 (what bounds the "
+                                   "step's bf16 gain)", times["bound"], times[FP32_BOUND], 2.0))
     density = checks["trained_density"]
     below = fns["ours at trained L0"].sparse_below  # what the trainer's auto resolved to at this shape
     entries.append(ratio_entry(f"training step at trained L0 {checks['trained_l0_measured']:.0f} of "

@@ -86,7 +86,8 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     bench.run(tiny_bench(model_dir), out, parts=tuple(p for p in bench.PARTS if p != "allocator"))  # own test below
 
     results = io.read_json(out / bench.RESULTS_JSON)
-    assert len(results["ratios"]) == N_ENTRIES, [e["name"] for e in results["ratios"]]
+    gain_bound_rows = chosen == "bfloat16"  # the step's bare matmuls, bf16 vs fp32, where bf16 is chosen
+    assert len(results["ratios"]) == N_ENTRIES + gain_bound_rows, [e["name"] for e in results["ratios"]]
     assert results["skipped"] == []  # tiny bf16 calls are always affordable
     for entry in results["ratios"]:
         assert set(entry) == ENTRY_KEYS, entry
@@ -139,6 +140,9 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     step = names(results, "training step (dA 16, dB 24")
     assert len(step) == 2 and "bf16 vs fp32" in step[0]
     assert step[1].endswith(f"ours ({short}) vs the bare {short} matmuls of the same step")
+    gain_bound = names(results, "bare matmuls of the training step (dA 16, dB 24")  # bf16 chosen only
+    assert len(gain_bound) == (chosen == "bfloat16") and all(n.endswith("bf16 vs fp32 (what bounds the step's "
+                                                                          "bf16 gain)") for n in gain_bound)
     assert len(names(results, "training step at trained L0")) == 2
     assert len(names(results, "training step variant: ")) == 4
     default_shape = names(results, "training step (dA 16, dB 16, H 48, batch 16")
