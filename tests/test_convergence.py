@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hidden_signatures import io
+from hidden_signatures.harvest.store import PairedActivations
 from hidden_signatures.crosscoders import convergence, crosscoder, resample
 from hidden_signatures.validation import recovery
 from hidden_signatures.validation import synthetic
@@ -26,6 +27,7 @@ class MemoryPair:
         self.eval_rows = np.arange(len(x_a) - n_eval, len(x_a))
         self.train_rows = np.arange(len(x_a) - n_eval)
         self.d_a, self.d_b = x_a.shape[1], x_b.shape[1]
+        self._eval_variance = {}
 
     @property
     def n_train(self) -> int:
@@ -39,6 +41,8 @@ class MemoryPair:
 
     def eval_indices(self, max_tokens=None):
         return self.eval_rows if max_tokens is None else self.eval_rows[:max_tokens]
+
+    eval_total_variance = PairedActivations.eval_total_variance
 
 
 @pytest.fixture(scope="module")

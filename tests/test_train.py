@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from conftest import save_tiny_model
 
 from hidden_signatures import io
 from hidden_signatures.crosscoders import convergence, crosscoder
+from hidden_signatures.crosscoders import evaluate as evaluate_mod
 from hidden_signatures.crosscoders.evaluate import explained_variance
 from hidden_signatures.harvest import activations
 from hidden_signatures.crosscoders import train as tr
@@ -273,6 +275,41 @@ def test_evaluate_matches_a_direct_computation(reference, data) -> None:
         assert ev == pytest.approx(explained_variance(x.double(), xhat.double()).item(), rel=1e-5, abs=1e-6)
     assert result["l0"] == pytest.approx((f > 0).float().sum(1).mean().item())
     assert result["dead_fraction"] == pytest.approx((f.sum(0) == 0).float().mean().item())
+
+
+@pytest.mark.parametrize("architecture, sparse", [("relu_l1", True), ("batchtopk", True), ("dfc", False)])
+def test_sparse_decode_equals_the_dense_one(architecture, sparse, monkeypatch) -> None:
+    """Few latents fired: the plain linear decoders sum over them only (the dedicated-feature one keeps
+    its own decode), with the dense decode's result up to float rounding."""
+    model = crosscoder.build(CrosscoderConfig(d_a=12, d_b=16, dict_size=96, architecture=architecture, k=4), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    f = torch.relu(torch.randn(40, 96, generator=gen)) * (torch.rand(40, 96, generator=gen) < 0.05)
+    bags = []
+    monkeypatch.setattr(evaluate_mod, "F", SimpleNamespace(
+        embedding_bag=lambda *a, **k: bags.append(1) or torch.nn.functional.embedding_bag(*a, **k)))
+    with torch.no_grad():
+        got, want = evaluate_mod.decode(model, f), model.decode(f)
+    assert len(bags) == (2 if sparse else 0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_sparse_or_dense_decode_gives_the_same_numbers(reference, data, monkeypatch) -> None:
+    """Fire rates, L0 and dead share exactly, explained variance to float rounding; the eval rows'
+    total variance is read once per size."""
+    model = crosscoder.load(reference[0])
+    runs = []
+    for below in (0.0, 1.0):  # never sparse, sparse whenever a latent is silent anywhere
+        monkeypatch.setattr(evaluate_mod, "SPARSE_DECODE_BELOW", below)
+        runs.append(tr.evaluate(model, data, max_tokens=30, batch_size=8))
+    dense, sparse = runs
+    assert dense["l0"] < model.cfg.dict_size  # some latents silent: below 1.0 took the sparse path
+    assert torch.equal(dense["fire_rate"], sparse["fire_rate"]) and torch.equal(dense["mean_act"], sparse["mean_act"])
+    assert dense["l0"] == sparse["l0"] and dense["dead_fraction"] == sparse["dead_fraction"]
+    for side in "AB":
+        assert sparse["explained_variance"][side] == pytest.approx(dense["explained_variance"][side], abs=1e-6)
+    monkeypatch.setattr(data, "get", lambda idx: pytest.fail("the total variance was read again"))
+    assert data.eval_total_variance(30, 8) == data.eval_total_variance(30, 8)
 
 
 def test_evaluate_untrained_model_can_have_negative_explained_variance(data) -> None:

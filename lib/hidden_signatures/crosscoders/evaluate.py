@@ -5,11 +5,17 @@ Kept apart from the trainer so that analysis reads a crosscoder without importin
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..harvest.store import PairedActivations
 from . import crosscoder as cc_mod
+from .fused_loss import row_starts
+
+SPARSE_DECODE_BELOW = 0.1
+"""Decode over the fired latents only (an embedding bag per token) when fewer than this share of a
+batch's (token, latent) pairs fired: 17x faster than the dense fp32 matmul at L0 62 of 4096 (one
+thread, AMD EPYC), crossover near 25%; the same sums up to float rounding (2e-7 relative)."""
 
 
 def explained_variance(x_NA: torch.Tensor, xhat_NA: torch.Tensor) -> torch.Tensor:
@@ -35,14 +41,16 @@ def evaluate(model: cc_mod.Crosscoder, data: PairedActivations, max_tokens: int,
     sums = {"sse_a": 0.0, "sse_b": 0.0, "l0": 0.0}
     for start in range(0, len(idx), batch_size):
         x_a, x_b = (t.to(device) for t in data.get(idx[start: start + batch_size]))
-        f, xa_hat, xb_hat = model(x_a, x_b)
+        f = model.encode(x_a, x_b)
+        xa_hat, xb_hat = decode(model, f)
         act_sum += f.double().sum(0).cpu()
-        fire_count += (f > 0).double().sum(0).cpu()
+        fired_H = (f > 0).sum(0).cpu()  # integer counts: exact, as a float64 sum of ones was
+        fire_count += fired_H
         sums["sse_a"] += (x_a - xa_hat).double().pow(2).sum().item()
         sums["sse_b"] += (x_b - xb_hat).double().pow(2).sum().item()
-        sums["l0"] += (f > 0).double().sum().item()
+        sums["l0"] += float(fired_H.sum())
     n = len(idx)
-    tot_a, tot_b = _total_variance(data, idx, batch_size)
+    tot_a, tot_b = data.eval_total_variance(max_tokens, batch_size)
     mean_act = act_sum / n
     return {"mean_act": mean_act.float(), "fire_rate": (fire_count / n).float(),
             "explained_variance": {"A": 1 - sums["sse_a"] / tot_a, "B": 1 - sums["sse_b"] / tot_b},
@@ -50,13 +58,14 @@ def evaluate(model: cc_mod.Crosscoder, data: PairedActivations, max_tokens: int,
             "eval_tokens": n}
 
 
-def _total_variance(data: PairedActivations, idx: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Summed per-dimension variance of the scaled eval rows of both models (two-pass, fp64)."""
-    means, totals = [], []
-    for side in (0, 1):
-        s = sum(data.get(idx[i: i + batch_size])[side].double().sum(0) for i in range(0, len(idx), batch_size))
-        means.append(s / len(idx))
-    for side in (0, 1):
-        totals.append(sum((data.get(idx[i: i + batch_size])[side].double() - means[side]).pow(2).sum().item()
-                          for i in range(0, len(idx), batch_size)))
-    return totals[0], totals[1]
+def decode(model: cc_mod.Crosscoder, f_NH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.decode(f_NH), summed over the fired latents only where few fired and the decoder is the
+    plain linear one (the ReLU+L1 crosscoder and BatchTopK; not the dedicated-feature variant)."""
+    if type(model).decode is not cc_mod.Crosscoder.decode or \
+            int(torch.count_nonzero(f_NH)) >= SPARSE_DECODE_BELOW * f_NH.numel():
+        return model.decode(f_NH)
+    N, H = f_NH.shape
+    flat = f_NH.view(-1).nonzero().squeeze(1)
+    col, offsets, vals = flat % H, row_starts(flat // H, N)[:-1], f_NH.view(-1)[flat]
+    return tuple(F.embedding_bag(col, W, offsets, mode="sum", per_sample_weights=vals.to(W.dtype)) + b
+                 for W, b in ((model.W_dec_A, model.b_dec_A), (model.W_dec_B, model.b_dec_B)))

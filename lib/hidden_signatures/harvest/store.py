@@ -151,6 +151,7 @@ class PairedActivations:
         self.train_rows = rows[~eval_mask & keep]
         self.eval_rows = rows[eval_mask & keep]
         self.n_outliers = int((~keep).sum())
+        self._eval_variance: dict[tuple[int | None, int], tuple[float, float]] = {}
 
     def _ordinary_rows(self, chunk: int = 65_536) -> np.ndarray:
         """Bool [N]: rows whose norm is within max_norm_ratio x the median in both models."""
@@ -187,6 +188,19 @@ class PairedActivations:
     def train_batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled rows at these positions of the training set."""
         return self.get(np.sort(self.train_rows[positions]))
+
+    def eval_total_variance(self, max_tokens: int | None, batch_size: int) -> tuple[float, float]:
+        """Summed per-dimension variance of the scaled eval rows of both models (two-pass, fp64),
+        the denominators of held-out explained variance; computed once per size (every held-out
+        evaluation of a training run reads the same rows)."""
+        key = (max_tokens, batch_size)
+        if key not in self._eval_variance:
+            idx = self.eval_indices(max_tokens)
+            chunks = [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+            means = [sum(self.get(c)[side].double().sum(0) for c in chunks) / len(idx) for side in (0, 1)]
+            self._eval_variance[key] = tuple(sum((self.get(c)[side].double() - means[side]).pow(2).sum().item()
+                                                 for c in chunks) for side in (0, 1))
+        return self._eval_variance[key]
 
     def eval_indices(self, max_tokens: int | None = None) -> np.ndarray:
         """Store indices of the held-out evaluation rows, evenly thinned to max_tokens."""
