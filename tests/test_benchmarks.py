@@ -157,9 +157,11 @@ def test_run_writes_every_entry(tmp_path, tiny_tokenizer, monkeypatch, chosen):
     assert len(names(results, "student step (2 x 8 tokens")) == 2
     assert len(names(results, "BatchTopK training step (dA 16, dB 16, H 48, batch 16, k")) == 1
     assert names(results, "end to end (")[0].endswith(f"ours ({short}) vs original (fp32)")
+    assert results["checks"]["e2e_sparse_probe_s"] >= 0  # resolved (sparse_below pinned here) before the timing
 
     table = (out / bench.RESULTS_MD).read_text()
     assert all(entry["name"] in table for entry in results["ratios"])
+    assert "End to end: the sparse step's crossover" in table
     first = table.splitlines()[0]
     assert first.startswith("Machine: ") and f"precision auto -> {chosen}" in first
     assert machine["cpu"] in first and f"torch {torch.__version__}" in first and "Load average at start" in first
