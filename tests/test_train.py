@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -284,12 +283,12 @@ def test_sparse_decode_equals_the_dense_one(architecture, sparse, monkeypatch) -
     model = crosscoder.build(CrosscoderConfig(d_a=12, d_b=16, dict_size=96, architecture=architecture, k=4), seed=0)
     gen = torch.Generator().manual_seed(1)
     f = torch.relu(torch.randn(40, 96, generator=gen)) * (torch.rand(40, 96, generator=gen) < 0.05)
-    bags = []
-    monkeypatch.setattr(evaluate_mod, "F", SimpleNamespace(
-        embedding_bag=lambda *a, **k: bags.append(1) or torch.nn.functional.embedding_bag(*a, **k)))
+    built = []
+    real = evaluate_mod.FiredPairs
+    monkeypatch.setattr(evaluate_mod, "FiredPairs", lambda f_NH: built.append(1) or real(f_NH))
     with torch.no_grad():
         got, want = evaluate_mod.decode(model, f), model.decode(f)
-    assert len(bags) == (2 if sparse else 0)
+    assert len(built) == (1 if sparse else 0)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 

@@ -6,11 +6,10 @@ Kept apart from the trainer so that analysis reads a crosscoder without importin
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..harvest.store import PairedActivations
 from . import crosscoder as cc_mod
-from .fused_loss import row_starts
+from .fused_loss import FiredPairs
 
 SPARSE_DECODE_BELOW = 0.1
 """Decode over the fired latents only (an embedding bag per token) when fewer than this share of a
@@ -64,8 +63,6 @@ def decode(model: cc_mod.Crosscoder, f_NH: torch.Tensor) -> tuple[torch.Tensor, 
     if type(model).decode is not cc_mod.Crosscoder.decode or \
             int(torch.count_nonzero(f_NH)) >= SPARSE_DECODE_BELOW * f_NH.numel():
         return model.decode(f_NH)
-    N, H = f_NH.shape
-    flat = f_NH.view(-1).nonzero().squeeze(1)
-    col, offsets, vals = flat % H, row_starts(flat // H, N)[:-1], f_NH.view(-1)[flat]
-    return tuple(F.embedding_bag(col, W, offsets, mode="sum", per_sample_weights=vals.to(W.dtype)) + b
+    fired = FiredPairs(f_NH)
+    return tuple(fired.product(fired.vals.to(W.dtype), W) + b
                  for W, b in ((model.W_dec_A, model.b_dec_A), (model.W_dec_B, model.b_dec_B)))

@@ -48,8 +48,8 @@ def loss(model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: fl
                      l0=stats["l0"], fired=stats["fired"])
 
 
-class _Sparse:
-    """The fired (token, latent) pairs of f in CSR order (by token), and the same pairs by latent."""
+class FiredPairs:
+    """The fired (token, latent) pairs of f in CSR order (by token): enough to decode over them only."""
 
     def __init__(self, f_NH: torch.Tensor):
         N, H = f_NH.shape
@@ -58,13 +58,20 @@ class _Sparse:
         self.row, self.col = flat // H, flat % H
         self.vals = f_NH.view(-1)[flat].float()
         self.crow = row_starts(self.row, N)
-        self.by_latent = torch.argsort(self.col, stable=True)
-        self.col_T, self.row_T = self.col[self.by_latent], self.row[self.by_latent]  # latent-major
-        self.crow_T = row_starts(self.col_T, H)
 
     def product(self, vals: torch.Tensor, W_HD: torch.Tensor) -> torch.Tensor:
         """[N, D] = F @ W, F the [N, H] matrix with `vals` at the fired pairs (an embedding bag per token)."""
         return F.embedding_bag(self.col, W_HD, self.crow[:-1], mode="sum", per_sample_weights=vals)
+
+
+class _Sparse(FiredPairs):
+    """The fired pairs by token, and the same pairs by latent (the sparse backward's weight gradients)."""
+
+    def __init__(self, f_NH: torch.Tensor):
+        super().__init__(f_NH)
+        self.by_latent = torch.argsort(self.col, stable=True)
+        self.col_T, self.row_T = self.col[self.by_latent], self.row[self.by_latent]  # latent-major
+        self.crow_T = row_starts(self.col_T, self.shape[1])
 
     def bag_T(self, vals_latent_major: torch.Tensor, X_ND: torch.Tensor) -> torch.Tensor:
         """[H, D] = F^T @ X, `vals` in latent-major order (an embedding bag per latent)."""
