@@ -167,19 +167,51 @@ def test_resampling_revives_dead_latents(pair, tmp_path) -> None:
     assert kept["curve"][-1]["dead_fraction"] <= 0.1 and kept["curve"][0]["resampled"] >= H // 2
 
 
-def test_resample_zeroes_the_moments_of_resampled_latents(pair) -> None:
+def _trained_a_while(pair, steps: int = 20):
+    """A fresh crosscoder and its Adam after a few steps, so that every moment is non-zero."""
     model = fresh(pair)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x_a, x_b = pair.get(np.arange(256))
-    model.loss(x_a, x_b, 0.1).total.backward()
-    opt.step()
+    for _ in range(steps):
+        opt.zero_grad()
+        model.loss(x_a, x_b, 0.1).total.backward()
+        opt.step()
+    return model, opt, x_a, x_b
+
+
+def test_resample_restarts_the_moments_of_resampled_latents(pair) -> None:
+    """First moment 0; second moment the live latents' mean, so the re-aimed latent steps like a live one."""
+    model, opt, x_a, x_b = _trained_a_while(pair)
     dead = torch.zeros(H, dtype=torch.bool)
     dead[:3] = True
     before = model.W_dec_A[5].clone()
+    live_v = {name: opt.state[getattr(model, name)]["exp_avg_sq"].clone() for name in ("W_dec_B", "W_enc_A", "b_enc")}
     assert resample.resample(model, opt, dead, x_a, x_b, seed=0) == 3
     assert torch.equal(model.W_dec_A[5], before)
     assert torch.all(opt.state[model.W_enc_A]["exp_avg"][:, :3] == 0)
-    assert torch.all(opt.state[model.W_dec_B]["exp_avg_sq"][:3] == 0)
+    v = {name: opt.state[getattr(model, name)]["exp_avg_sq"] for name in live_v}
+    torch.testing.assert_close(v["W_dec_B"][:3], live_v["W_dec_B"][3:].mean(0).expand(3, -1))
+    torch.testing.assert_close(v["W_enc_A"][:, :3], live_v["W_enc_A"][:, 3:].mean(1, keepdim=True).expand(-1, 3))
+    torch.testing.assert_close(v["b_enc"][:3], live_v["b_enc"][3:].mean().expand(3))
+    assert torch.equal(v["b_enc"][3:], live_v["b_enc"][3:]) and bool((v["b_enc"][:3] > 0).all())
+
+
+def test_a_resampled_latent_late_in_a_run_takes_an_ordinary_step(pair) -> None:
+    """Late in a run Adam's bias correction is ~1: with a zeroed second moment the re-aimed latent's
+    first step would be (1 - beta1) / sqrt(1 - beta2) = 3.2 learning rates, element by element."""
+    model, opt, x_a, x_b = _trained_a_while(pair)
+    for state in opt.state.values():
+        state["step"].fill_(10_000)
+    dead = torch.zeros(H, dtype=torch.bool)
+    dead[:8] = True
+    resample.resample(model, opt, dead, x_a, x_b, seed=0)
+    before = model.b_enc.detach().clone()
+    opt.zero_grad()
+    model.loss(x_a, x_b, 0.1).total.backward()
+    assert bool((model.b_enc.grad[:8] != 0).all())  # the re-aimed latents fire, so they are stepped
+    opt.step()
+    step_H = (model.b_enc.detach() - before).abs() / 1e-3
+    assert float(step_H[:8].max()) < 1.0, step_H[:8]
 
 
 
