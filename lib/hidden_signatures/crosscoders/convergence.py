@@ -70,6 +70,15 @@ def forced_decay_step(total: int, cfg: TrainConfig) -> int:
     return int(total * (1 - cfg.lr_decay_frac))
 
 
+def resamples_at(step: int, control: Control, total: int, cfg: TrainConfig) -> bool:
+    """Whether an evaluation at `step` may re-aim dead latents: before the final decay and through its
+    first half. Some latents fall silent as the decay begins (measured: ~4% of a last block's); while
+    the lr is still at least half its peak a re-aimed latent can still find its place."""
+    if control.decay_start is None:
+        return True
+    return step < control.decay_start + (end_step(control, total, cfg) - control.decay_start) // 2
+
+
 def lr_at(step: int, control: Control, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up over lr_warmup_frac of the ceiling, constant until the decay starts, then
     linear to 0 at end_step."""

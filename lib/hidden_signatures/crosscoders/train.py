@@ -239,13 +239,14 @@ def heldout_row(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainCon
 def _heldout_point(model, opt, data: PairedActivations, cfg: TrainConfig, step: int, idx: np.ndarray,
                    curve: list[dict], control: convergence.Control, total: int, device: torch.device,
                    batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """Evaluate on held-out tokens, resample dead latents (before the decay), check the stopping rule.
+    """Evaluate on held-out tokens, resample dead latents (until halfway through the decay), check the rule.
 
     Resampling draws from the global batch `idx`: `batch` when the caller holds it, else read again
     (in a process group each rank holds only its share, and every rank must resample alike)."""
     row, fire_rate = heldout_row(model, data, cfg, step, device)
     dead = fire_rate == 0
-    if cfg.resample and control.decay_start is None and resample.supports(model) and dead.any():
+    open_ = convergence.resamples_at(step, control, total, cfg)
+    if cfg.resample and open_ and resample.supports(model) and dead.any():
         x_a, x_b = batch or tuple(t.to(device) for t in data.train_batch(idx))
         row["resampled"] = resample.resample(model, opt, dead, x_a, x_b, seed=cfg.seed * 1_000_003 + step,
                                                 max_share=cfg.resample_max)
