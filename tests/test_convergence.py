@@ -175,6 +175,7 @@ def test_resampling_revives_dead_latents(pair, tmp_path) -> None:
     assert off["curve"][-1]["dead_fraction"] >= 0.5
     assert kept["curve"][-1]["dead_fraction"] <= 0.1 and kept["curve"][0]["resampled"] >= H // 2
 
+
 def test_dead_latents_are_re_aimed_until_halfway_through_the_final_decay(pair, tmp_path) -> None:
     model = fresh(pair)
     with torch.no_grad():
@@ -187,7 +188,6 @@ def test_dead_latents_are_re_aimed_until_halfway_through_the_final_decay(pair, t
     aimed = [row["tokens"] for row in rec["curve"] if row.get("resampled")]
     assert any(start < t < (start + end) / 2 for t in aimed)  # trainer 4 stopped at the decay's start
     assert max(aimed) < (start + end) / 2
-
 
 
 def _trained_a_while(pair, steps: int = 20):

@@ -245,8 +245,8 @@ def _heldout_point(model, opt, data: PairedActivations, cfg: TrainConfig, step: 
     (in a process group each rank holds only its share, and every rank must resample alike)."""
     row, fire_rate = heldout_row(model, data, cfg, step, device)
     dead = fire_rate == 0
-    open_ = convergence.resamples_at(step, control, total, cfg)
-    if cfg.resample and open_ and resample.supports(model) and dead.any():
+    window_open = convergence.resamples_at(step, control, total, cfg)
+    if cfg.resample and window_open and resample.supports(model) and dead.any():
         x_a, x_b = batch or tuple(t.to(device) for t in data.train_batch(idx))
         row["resampled"] = resample.resample(model, opt, dead, x_a, x_b, seed=cfg.seed * 1_000_003 + step,
                                                 max_share=cfg.resample_max)
