@@ -50,8 +50,8 @@ pd.Series({k: result[k] for k in keys}, dtype=object)
 # held-out tokens) against training tokens. Training stops when explained variance gains less than
 # `train.converge_gain` over the last `train.converge_window` of the tokens (then the learning rate
 # decays), or at the token ceiling `train.tokens`; with `train.target_l0` the L1 weight is steered
-# so that L0 settles at the target; dead latents are resampled at each evaluation until halfway
-# through the final decay.
+# so that L0 settles at the target; dead latents are resampled at each evaluation until three
+# quarters of the final decay are over.
 
 # %%
 point_analysis.convergence_figure(run, layer)

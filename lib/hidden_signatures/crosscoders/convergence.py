@@ -72,11 +72,12 @@ def forced_decay_step(total: int, cfg: TrainConfig) -> int:
 
 def resamples_at(step: int, control: Control, total: int, cfg: TrainConfig) -> bool:
     """Whether an evaluation at `step` may re-aim dead latents: before the final decay and through its
-    first half. Some latents fall silent as the decay begins (measured: ~4% of a last block's); while
-    the lr is still at least half its peak a re-aimed latent can still find its place."""
+    first three quarters. Latents fall silent as the decay begins (measured: ~4% of a last block's)
+    and again later in it (2% of a block past its midpoint); while the lr is still at least a quarter
+    of its peak a re-aimed latent can still find its place."""
     if control.decay_start is None:
         return True
-    return step < control.decay_start + (end_step(control, total, cfg) - control.decay_start) // 2
+    return step < control.decay_start + 3 * (end_step(control, total, cfg) - control.decay_start) // 4
 
 
 def lr_at(step: int, control: Control, total: int, cfg: TrainConfig) -> float:

@@ -239,7 +239,7 @@ def heldout_row(model: cc_mod.Crosscoder, data: PairedActivations, cfg: TrainCon
 def _heldout_point(model, opt, data: PairedActivations, cfg: TrainConfig, step: int, idx: np.ndarray,
                    curve: list[dict], control: convergence.Control, total: int, device: torch.device,
                    batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """Evaluate on held-out tokens, resample dead latents (until halfway through the decay), check the rule.
+    """Evaluate on held-out tokens, resample dead latents (until 3/4 through the decay), check the rule.
 
     Resampling draws from the global batch `idx`: `batch` when the caller holds it, else read again
     (in a process group each rank holds only its share, and every rank must resample alike)."""

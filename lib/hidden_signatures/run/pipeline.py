@@ -194,10 +194,10 @@ def resolved_train(run: RunConfig, pt: Point, data: activations.PairedActivation
     return dataclasses.replace(train, sparse_below=below)
 
 
-TRAINER_VERSION = 5
+TRAINER_VERSION = 6
 """Raised when the trainer's behaviour changes (2: stopping rule, L1 control, resampling; 3: centred
 start, lr warm-up, L1 rate 0.03; 4: resampled latents start with the live second moment, up to 4%
-of the dictionary per evaluation; 5: re-aiming goes on through the first half of the final decay), so a
+of the dictionary per evaluation; 5: re-aiming goes on through the first half of the final decay; 6: through three quarters of it), so a
 crosscoder trained by an earlier version is never reused."""
 
 
