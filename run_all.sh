@@ -60,7 +60,7 @@ run_tests() {
   export HS_TEST_ARTIFACTS="$artifacts" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     HIDDEN_SIGNATURES_SPARSE_BELOW="${HIDDEN_SIGNATURES_SPARSE_BELOW:-0.05}"
   log "pytest"
-  "$PY" -m pytest tests -q -p no:cacheprovider
+  "$PY" -m pytest tests -q -p no:cacheprovider --durations=15  # the slowest tests, to keep the suite in its budget
   log "nbval over the notebooks executed by the end-to-end tests (one executed copy of each)"
   mapfile -t notebooks < <(find "$artifacts/results" -name '*.ipynb' | sort | awk -F/ '!seen[$NF]++')
   if [ "${#notebooks[@]}" -eq 0 ]; then log "no executed notebooks found under $artifacts/results"; exit 1; fi
