@@ -1,4 +1,4 @@
-"""Why the last block's crosscoder lost its latents, and what brought them back (README, Results).
+"""Why the last block's crosscoder lost its latents, and what brought them back (docs/training.md).
 
     python -m benchmarks.ablation_last_block [--jobs 2]
 
@@ -6,9 +6,9 @@ Trains the sanity pair's last-block crosscoder (SmolLM2-135M against itself, blo
 a 60k-token harvest to a 200k-token ceiling under each setting of SETTINGS, one thread per job,
 and writes held-out explained variance, L0 and dead share at the end to
 benchmarks/ablation_last_block.{json,md}. Settings differ from the default pair only where named.
-The README's table of these settings was measured with trainer version 3; this runs the present
-trainer, whose resampling (version 4: live second moment, up to 4% per evaluation) changes the rows
-that resample.
+The table of these settings in docs/training.md was measured with trainer version 3; this runs
+the present trainer, whose resampling (versions 4 to 6: live second moment, up to 4% per
+evaluation, on into the final decay) changes the rows that resample.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class BatchTopKCrosscoder(Crosscoder):
     default_dec_init_norm: ClassVar[float] = 0.5
     """Ranking is by f * (|d_A| + |d_B|), so a latent the first batches skip keeps its initial norm
     while the chosen ones grow to ~1 and outrank it for good: at 0.08 half the dictionary died in the
-    first 30 steps (51% dead on the fine-tuned pair's middle block); at 0.5, 1.8% (README, Results)."""
+    first 30 steps (51% dead on the fine-tuned pair's middle block); at 0.5, 1.8% (docs/training.md)."""
     resample_dec_scale: ClassVar[float] = 1.0
     """Ranking is by f * decoder norm: a resampled latent at a fraction of the live norm never wins a slot."""
 
