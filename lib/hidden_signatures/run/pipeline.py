@@ -197,8 +197,8 @@ def resolved_train(run: RunConfig, pt: Point, data: activations.PairedActivation
 TRAINER_VERSION = 6
 """Raised when the trainer's behaviour changes (2: stopping rule, L1 control, resampling; 3: centred
 start, lr warm-up, L1 rate 0.03; 4: resampled latents start with the live second moment, up to 4%
-of the dictionary per evaluation; 5: re-aiming goes on through the first half of the final decay; 6: through three quarters of it), so a
-crosscoder trained by an earlier version is never reused."""
+of the dictionary per evaluation; 5: re-aiming goes on through the first half of the final decay;
+6: through three quarters of it), so a crosscoder trained by an earlier version is never reused."""
 
 
 def training_key(run: RunConfig, pt: Point, data: activations.PairedActivations) -> str:
