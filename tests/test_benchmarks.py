@@ -46,6 +46,7 @@ def tiny_bench(model_dir) -> bench.BenchConfig:
 
 
 @pytest.mark.parametrize("machine, steps_, blocks", [("bf16_machine", 160, None),
+                                                    ("bf16_without_amx_machine", 60, [0, 1, 2, 3, 4, 5] + list(range(21, 30))),
                                                     ("fp32_machine", 60, [0, 1, 2, 3, 4, 5] + list(range(21, 30)))])
 def test_students_are_benchmarked_as_the_default_run_trains_them(request, machine, steps_, blocks):
     """The student rows time the default run's students: its start blocks and its Jacobian term (one
