@@ -14,8 +14,9 @@
 # The original repository shipped a Jacobian-matching distillation pipeline that never ran
 # ("memory constraints prevented a complete analysis"). Here it runs to the end, at SmolLM2
 # scale on a CPU. Two students of SmolLM2-135M, each with 15 blocks initialised from teacher blocks
-# (every other one by default, the DistilBERT / DistilGPT-2 recipe; on a CPU without native bf16
-# the params' `fp32_cpu` budgets start from blocks 0-5 and 21-29 and train half the steps), trained
+# (every other one by default, the DistilBERT / DistilGPT-2 recipe; on a CPU without AMX tiles
+# the params' `fp32_cpu` and `bf16_without_amx` budgets start from blocks 0-5 and 21-29 and train
+# 60 steps, not 160), trained
 # on the same data, for the same steps, with the same seed and optimizer:
 # - **KL**: temperature-scaled KL to the teacher's next-token distribution + LM loss;
 # - **KL + Jacobian**: additionally matching the teacher's Jacobian-vector products from the
@@ -57,8 +58,9 @@ pd.DataFrame([{"student": spec, **distill_report.training_facts(run, spec)}
 
 # %% [markdown]
 # ## Held-out cross-entropy and Jacobian agreement
-# Agreement: mean cosine between the teacher's and the student's Jacobian-vector products on
-# held-out sequences and random directions never used in training.
+# Cross-entropy on the corpus's held-out part (each model's report from 00_models). Agreement:
+# mean cosine between the teacher's and the student's Jacobian-vector products on held-out
+# sequences and random directions never used in training.
 
 # %%
 students = pd.DataFrame(distill_report.evaluate_students(run_kl, run_jac))

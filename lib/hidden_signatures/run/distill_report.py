@@ -7,13 +7,13 @@ import torch
 from .. import io
 from ..analysis import figures
 from ..data import corpus
-from ..models import finetune, lm_training
+from ..models import lm_training
 from ..models import loading as models
 from ..models.distill import ensure_eager, jacobian_agreement
 from . import derived
+from .model_info import model_report
 from .params import RunConfig
 
-HELDOUT_SEQS = 32
 JVP_SEQS = 4
 JVP_TOKENS = 64
 JVP_SEED = 12345  # not a training seed: held-out directions
@@ -61,21 +61,24 @@ def budgets(run_kl: RunConfig, run_jac: RunConfig) -> list[dict]:
 
 
 def evaluate_students(run_kl: RunConfig, run_jac: RunConfig, device: str = "cpu") -> list[dict]:
-    """Held-out cross-entropy and Jacobian agreement (cosine of JVPs) of the teacher and both students."""
+    """Held-out cross-entropy and Jacobian agreement (cosine of JVPs) of the teacher and both students.
+
+    The cross-entropy is each model's report (00_models measured it and cached it), so only the
+    Jacobian agreement is computed here.
+    """
     teacher_spec, kl_spec = student_specs(run_kl)
     _, jac_spec = student_specs(run_jac)
     teacher, tok = models.load_model(teacher_spec, device=device, dtype=torch.float32,
                                      attn_implementation="eager")
-    ids = corpus.tokenize_part(run_kl.corpus, tok, "heldout")[:HELDOUT_SEQS]
-    jvp_ids = ids[:JVP_SEQS, :JVP_TOKENS]
+    jvp_ids = corpus.tokenize_part(run_kl.corpus, tok, "heldout")[:JVP_SEQS, :JVP_TOKENS]
     rows = [{"model": teacher_spec, "blocks": models.num_blocks(teacher),
-             "held-out loss": finetune.heldout_loss(teacher, ids), "Jacobian agreement": 1.0}]
+             "held-out loss": model_report(run_kl, teacher_spec)["held-out loss"], "Jacobian agreement": 1.0}]
     for run, spec in ((run_kl, kl_spec), (run_jac, jac_spec)):
         path = str(lm_training.model_dir(derived.directory(run, spec)))
         student, _ = models.load_model(path, device=device, dtype=torch.float32, attn_implementation="eager")
         ensure_eager(student)
         rows.append({"model": spec, "blocks": models.num_blocks(student),
-                     "held-out loss": finetune.heldout_loss(student, ids),
+                     "held-out loss": model_report(run, path)["held-out loss"],
                      "Jacobian agreement": jacobian_agreement(teacher, student, jvp_ids, n_dirs=2, seed=JVP_SEED,
                                                               batch_size=2)})
     return rows
