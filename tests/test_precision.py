@@ -256,17 +256,20 @@ def test_a_typo_in_a_cpu_class_section_is_caught_on_every_machine(monkeypatch, s
         params.from_dict({**CLASS_PARAMS, section: bad})
 
 
-@pytest.mark.parametrize("feats, said", [
-    (AVX2, "this CPU computes bf16 slowly, so fp32 and the params' fp32_cpu budgets apply: train.tokens: 40000, "
-           "quick.train.tokens: 10000"),
-    (ZEN4, "without AMX tiles (about 2x fp32, not 5x), so the params' bf16_without_amx budgets apply: "
-           "seed_floor.seeds: 2, analysis.splice_seqs: 4"),
-    (AMX, None)])
-def test_runner_says_which_cpu_class_budgets_apply(monkeypatch, capsys, feats, said) -> None:
+@pytest.mark.parametrize("feats, quick, said", [
+    (AVX2, False, "this CPU computes bf16 slowly, so fp32 and the params' fp32_cpu budgets apply: train.tokens: 40000"),
+    (AVX2, True, "so fp32 and the params' fp32_cpu budgets apply: train.tokens: 10000"),
+    (ZEN4, False, "without AMX tiles (about 2x fp32, not 5x), so the params' bf16_without_amx budgets apply: "
+                  "analysis.splice_seqs: 4, seed_floor.seeds: 2"),
+    (AMX, False, None)])
+def test_runner_says_what_the_cpu_class_budgets_change(monkeypatch, capsys, feats, quick, said) -> None:
+    """The line names the values the section changes in this run: on a full run not its quick.* ones,
+    under --quick those (train.tokens 10000, not the full run's 40000)."""
     from hidden_signatures.run import runner
 
     machine(monkeypatch, feats)
-    runner.say_cpu_budget(params.from_dict(CLASS_PARAMS))
+    plain = params.from_dict(CLASS_PARAMS, quick=quick, overlays=False)
+    runner.say_cpu_budget(params.from_dict(CLASS_PARAMS, quick=quick), plain)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == (0 if said is None else 1)
-    assert said is None or said in lines[0]
+    assert said is None or lines[0].endswith(said)

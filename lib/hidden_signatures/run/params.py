@@ -240,17 +240,17 @@ OVERLAYS = ("fp32_cpu", "bf16_without_amx")
 """Params sections merged in on one CPU class only (at most one applies), before the quick ones."""
 
 
-def from_dict(data: dict, quick: bool = False) -> RunConfig:
+def from_dict(data: dict, quick: bool = False, overlays: bool = True) -> RunConfig:
     """A validated RunConfig from a mapping; `quick` applies the file's own `quick` overrides.
 
     On a CPU without native bf16 the file's `fp32_cpu` overrides are merged in first, on one with
-    bf16 but no AMX its `bf16_without_amx` ones (quick ones after).
+    bf16 but no AMX its `bf16_without_amx` ones (quick ones after); `overlays=False` skips both.
     """
     if not isinstance(data, dict):
         raise ParamsError(f"params: expected a mapping at the top level, got {type(data).__name__}")
     run = build(RunConfig, data)
     overlaid = None
-    for name in OVERLAYS:
+    for name in OVERLAYS if overlays else ():
         overrides = getattr(run, name)
         if not overrides:
             continue
@@ -299,16 +299,22 @@ def bf16_without_amx_applies(run: RunConfig) -> bool:
     return _cpu_run(run) and precision.detect("cpu").dtype == "bfloat16" and not precision.has_amx()
 
 
-def override_lines(overrides: dict, prefix: str = "") -> list[str]:
-    """`train.tokens: 400000`-style lines of an override section (nested quick overrides included)."""
-    lines = []
-    for key, value in overrides.items():
-        path = f"{prefix}{key}"
-        lines += override_lines(value, f"{path}.") if isinstance(value, dict) and value else [f"{path}: {value}"]
-    return lines
+def _leaves(value, prefix: str = "") -> dict:
+    """{"train.tokens": 400000, ...}: a nested mapping's leaves by dotted path."""
+    if not isinstance(value, dict) or not value:
+        return {prefix[:-1]: value}
+    return {k: v for key, sub in value.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
 
 
-def load(path: str | Path, quick: bool = False) -> RunConfig:
+def changed_lines(plain: RunConfig, run: RunConfig) -> list[str]:
+    """`train.tokens: 260000`-style lines of what `run` sets otherwise than `plain` (the same file
+    loaded without its CPU-class section): what that section changes in this run, --quick or not."""
+    before = _leaves(asdict(plain))
+    return [f"{key}: {value}" for key, value in _leaves(asdict(run)).items()
+            if before.get(key, ...) != value and key.split(".")[0] not in (*OVERLAYS, "quick")]
+
+
+def load(path: str | Path, quick: bool = False, overlays: bool = True) -> RunConfig:
     """Read and validate params/<pair>.yaml (safe YAML loader only)."""
     path = Path(path)
     if not path.is_file():
@@ -317,7 +323,7 @@ def load(path: str | Path, quick: bool = False) -> RunConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ParamsError(f"params file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return from_dict(data or {}, quick=quick)
+    return from_dict(data or {}, quick=quick, overlays=overlays)
 
 
 def find_params(name: str, params_dir: str | Path = "params") -> Path:

@@ -52,7 +52,7 @@ def plan(paths: list[Path], quick: bool) -> list[tuple[Path, params_mod.RunConfi
     for path in paths:
         run = params_mod.load(path, quick=quick)
         layers = pipeline.validate(run)
-        say_cpu_budget(run)
+        say_cpu_budget(run, params_mod.load(path, quick=quick, overlays=False))
         out.append((path, run, layers))
     return out
 
@@ -61,12 +61,12 @@ WHY_OVERLAY = {"fp32_cpu": "this CPU computes bf16 slowly, so fp32 and",
                "bf16_without_amx": "this CPU computes bf16 without AMX tiles (about 2x fp32, not 5x), so"}
 
 
-def say_cpu_budget(run: params_mod.RunConfig) -> None:
-    """One line when a CPU-class section of the params (fp32_cpu, bf16_without_amx) is in force."""
+def say_cpu_budget(run: params_mod.RunConfig, plain: params_mod.RunConfig) -> None:
+    """One line when a CPU-class section of the params (fp32_cpu, bf16_without_amx) is in force,
+    naming what it changes in this run (`plain`: the same file loaded without it)."""
     for name in params_mod.OVERLAYS:
-        overrides = getattr(run, name)
-        if overrides and params_mod.overlay_applies(run, name):
-            changes = ", ".join(params_mod.override_lines(overrides))
+        if getattr(run, name) and params_mod.overlay_applies(run, name):
+            changes = ", ".join(params_mod.changed_lines(plain, run)) or "nothing differs from the file's own values"
             print(f"[runner] {run.name}: {WHY_OVERLAY[name]} the params' {name} budgets apply: {changes}",
                   flush=True)
 
