@@ -14,9 +14,9 @@
 # The original repository shipped a Jacobian-matching distillation pipeline that never ran
 # ("memory constraints prevented a complete analysis"). Here it runs to the end, at SmolLM2
 # scale on a CPU. Two students of SmolLM2-135M, each with 15 blocks initialised from teacher blocks
-# (every other one by default, the DistilBERT / DistilGPT-2 recipe; on a CPU without AMX tiles
-# the params' `fp32_cpu` and `bf16_without_amx` budgets start from blocks 0-5 and 21-29 and train
-# 60 steps, not 160), trained on the same data, for the same steps, with the same seed and optimizer:
+# 0-5 and 21-29 (the params' `student_blocks`; without it every other block, the DistilBERT /
+# DistilGPT-2 recipe, which starts twice as far from the teacher and needed 160 steps to reach what
+# this start reaches in 60), trained on the same data, for the same steps, with the same seed and optimizer:
 # - **KL**: temperature-scaled KL to the teacher's next-token distribution + LM loss;
 # - **KL + Jacobian**: additionally matching the teacher's Jacobian-vector products from the
 #   input embeddings to the output log-probabilities on random directions (forward-mode AD).
