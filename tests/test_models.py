@@ -227,3 +227,31 @@ def test_display_name_of_a_made_model_never_holds_a_path(tmp_path) -> None:
         assert display_name(str(made)) == "finetune:tiny-a"
         assert display_name(str(base)) == "tiny-a"
     assert display_name("smollm2-135m") == "smollm2-135m"
+
+
+def test_model_report_of_a_named_model_survives_a_moved_cache(tiny_llama_dir, text_file, tmp_path,
+                                                              monkeypatch) -> None:
+    """A named model's report is keyed by its name and files, not by the cache's path: a cache
+    moved (or reached through another path) keeps its reports; a path spec stays keyed by its path."""
+    import shutil
+
+    from hidden_signatures import io
+    from hidden_signatures.run import params, pipeline
+
+    old, new = tmp_path / "old-cache", tmp_path / "new-cache"
+    shutil.copytree(tiny_llama_dir, old / "models" / "tiny-named")
+    monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(old))
+    real_resolve = models.resolve_spec
+    monkeypatch.setattr(models, "resolve_spec", lambda spec: str(io.cache_root() / "models" / spec)
+                        if spec == "tiny-named" else real_resolve(spec))
+    run = params.from_dict({"name": "r", "model_a": str(tiny_llama_dir), "model_b": str(tiny_llama_dir),
+                            "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},
+                            "device": "cpu"})
+    first = pipeline.model_report(run, "tiny-named", max_seqs=4)
+    old.rename(new)
+    monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(new))
+    calls = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    assert pipeline.model_report(run, "tiny-named", max_seqs=4) == first
+    assert calls == []

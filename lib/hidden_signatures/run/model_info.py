@@ -67,10 +67,10 @@ def model_report(run: RunConfig, spec: str, max_seqs: int = 32,
 
 def _report_key(run: RunConfig, spec: str, max_seqs: int, device: torch.device,
                 text: corpus.CorpusConfig) -> str:
-    """What a model report depends on: the model's files (name, size, mtime), the corpus, the device."""
-    source = models.resolve_spec(spec)
-    path = Path(source)
+    """What a model report depends on: the model's name (or path) and files (name, size, mtime), the
+    corpus, the device; not where the cache lies, so a moved cache keeps its reports."""
+    path = Path(models.resolve_spec(spec))
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()) \
-        if path.is_dir() else source
-    return io.config_hash({"model": source, "files": files, "corpus": asdict(text), "max_seqs": max_seqs,
+        if path.is_dir() else str(path)
+    return io.config_hash({"model": spec, "files": files, "corpus": asdict(text), "max_seqs": max_seqs,
                            "device": device.type})
