@@ -232,7 +232,8 @@ def test_display_name_of_a_made_model_never_holds_a_path(tmp_path) -> None:
 def test_model_report_of_a_named_model_survives_a_moved_cache(tiny_llama_dir, text_file, tmp_path,
                                                               monkeypatch) -> None:
     """A named model's report is keyed by its name and files, not by the cache's path: a cache
-    moved (or reached through another path) keeps its reports; a path spec stays keyed by its path."""
+    moved (or reached through another path) keeps its reports. (A path spec stays keyed by its path:
+    the test above, whose copied directory is measured again.)"""
     import shutil
 
     from hidden_signatures import io
