@@ -256,3 +256,32 @@ def test_model_report_of_a_named_model_survives_a_moved_cache(tiny_llama_dir, te
     monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
     assert pipeline.model_report(run, "tiny-named", max_seqs=4) == first
     assert calls == []
+
+
+def test_model_report_of_a_made_model_survives_a_moved_cache(tiny_llama_dir, text_file, tmp_path,
+                                                             monkeypatch) -> None:
+    """A made model's spec is its built directory inside the cache: keyed by that directory relative to
+    the cache, so a moved cache keeps its report; a directory outside the cache stays keyed by its path."""
+    import shutil
+    from pathlib import Path
+
+    from hidden_signatures.run import params, pipeline
+
+    old, new = tmp_path / "old-cache", tmp_path / "new-cache"
+    built = Path("derived") / "finetune-0123" / "model"
+    shutil.copytree(tiny_llama_dir, old / built)
+    monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(old))
+    run = params.from_dict({"name": "r", "model_a": str(tiny_llama_dir), "model_b": str(tiny_llama_dir),
+                            "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},
+                            "device": "cpu"})
+    first = pipeline.model_report(run, str(old / built), max_seqs=4)
+    old.rename(new)
+    monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(new))
+    calls = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    assert pipeline.model_report(run, str(new / built), max_seqs=4) == first
+    assert calls == []
+    outside = shutil.copytree(new / built, tmp_path / "elsewhere" / built)
+    pipeline.model_report(run, str(outside), max_seqs=4)
+    assert len(calls) == 1

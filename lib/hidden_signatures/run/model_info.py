@@ -67,10 +67,20 @@ def model_report(run: RunConfig, spec: str, max_seqs: int = 32,
 
 def _report_key(run: RunConfig, spec: str, max_seqs: int, device: torch.device,
                 text: corpus.CorpusConfig) -> str:
-    """What a model report depends on: the model's name (or path) and files (name, size, mtime), the
-    corpus, the device; not where the cache lies, so a moved cache keeps its reports."""
+    """What a model report depends on: the model's name (or path; a made model's path relative to the
+    cache) and files (name, size, mtime), the corpus, the device; not where the cache lies, so a moved
+    cache keeps its reports."""
     path = Path(models.resolve_spec(spec))
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()) \
         if path.is_dir() else str(path)
-    return io.config_hash({"model": spec, "files": files, "corpus": asdict(text), "max_seqs": max_seqs,
-                           "device": device.type})
+    return io.config_hash({"model": _in_cache(spec), "files": files, "corpus": asdict(text),
+                           "max_seqs": max_seqs, "device": device.type})
+
+
+def _in_cache(spec: str) -> str:
+    """A path spec inside the cache (a made model's built directory) as `cache:<relative path>`;
+    any other spec unchanged."""
+    try:
+        return f"cache:{Path(spec).relative_to(io.cache_root()).as_posix()}"
+    except ValueError:
+        return spec
