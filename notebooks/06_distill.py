@@ -68,7 +68,8 @@ students
 # %% [markdown]
 # ## Learning curves and budgets
 # Both students see the same tokens (same steps, batch and order); the Jacobian term makes each
-# step dearer, so its wall-clock time is longer. The curves show whether each had stopped improving.
+# step dearer, so its wall-clock time is longer. The curves show whether each had stopped improving
+# (`--quick`'s students, of a step or two, draw none: their panels stay empty).
 
 # %%
 distill_report.learning_curves(run_kl, run_jac, teacher_ce=float(students["held-out loss"].iloc[0]))
