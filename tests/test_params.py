@@ -286,3 +286,19 @@ def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_mac
         {"first": 200_000, "first-seed1": 200_000, "middle": 400_000, "last": 400_000}  # two seeds on fp32
     assert run.harvest.max_tokens == 100_000
     assert params.load(PARAMS_DIR / "smollm2-same.yaml", quick=True).train.tokens == 15_000
+
+
+@pytest.mark.parametrize("quick", [False, True])
+@pytest.mark.parametrize("machine", ["bf16_machine", "bf16_without_amx_machine", "fp32_machine"])
+def test_the_distillation_files_name_the_same_students(request, machine, quick) -> None:
+    """distill-kl-vs-jacobian compares the very students the teacher pairs made: each student's
+    recipe and text agree across the three files on every class, full run and --quick."""
+    from hidden_signatures.run import derived
+
+    request.getfixturevalue(machine)
+    runs = {name: params.load(PARAMS_DIR / f"{name}.yaml", quick=quick)
+            for name in ("distill-kl", "distill-jacobian", "distill-kl-vs-jacobian")}
+    for kind in ("distill-kl", "distill-jacobian"):
+        own, both = runs[kind], runs["distill-kl-vs-jacobian"]
+        assert derived.train_config(own, kind) == derived.train_config(both, kind), (kind, quick)
+        assert derived.train_corpus(own, kind) == derived.train_corpus(both, kind), (kind, quick)
