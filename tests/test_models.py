@@ -185,22 +185,35 @@ def test_pick_device_rejects_non_devices(device: str) -> None:
     assert repr(device) in str(err.value)
 
 
+def _report_run(model_dir, text_file):
+    """A pair of the tiny model on the small text file: enough for model_report."""
+    from hidden_signatures.run import params
+
+    return params.from_dict({"name": "r", "model_a": str(model_dir), "model_b": str(model_dir),
+                             "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},
+                             "device": "cpu"})
+
+
+def _count_loads(monkeypatch) -> list:
+    """Patch models.load_model to record each call in the returned list (a measured report loads)."""
+    calls = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    return calls
+
+
 def test_model_report_is_measured_once_per_model_files_and_corpus(tiny_llama_dir, text_file, isolated_roots,
                                                                   monkeypatch, tmp_path) -> None:
     """A second pair with the same model reads the cached report; changed weights are measured again."""
     import shutil
     import time
 
-    from hidden_signatures.run import params, pipeline
+    from hidden_signatures.run import pipeline
 
-    run = params.from_dict({"name": "r", "model_a": str(tiny_llama_dir), "model_b": str(tiny_llama_dir),
-                            "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},
-                            "device": "cpu"})
+    run = _report_run(tiny_llama_dir, text_file)
     first = pipeline.model_report(run, str(tiny_llama_dir), max_seqs=4)
     assert first["held-out loss"] > 0 and first["blocks"] == 4
-    calls = []
-    real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    calls = _count_loads(monkeypatch)
     assert pipeline.model_report(run, str(tiny_llama_dir), max_seqs=4) == first
     assert calls == []
     copy = shutil.copytree(tiny_llama_dir, tmp_path / "copy")
@@ -237,7 +250,7 @@ def test_model_report_of_a_named_model_survives_a_moved_cache(tiny_llama_dir, te
     import shutil
 
     from hidden_signatures import io
-    from hidden_signatures.run import params, pipeline
+    from hidden_signatures.run import pipeline
 
     old, new = tmp_path / "old-cache", tmp_path / "new-cache"
     shutil.copytree(tiny_llama_dir, old / "models" / "tiny-named")
@@ -245,15 +258,11 @@ def test_model_report_of_a_named_model_survives_a_moved_cache(tiny_llama_dir, te
     real_resolve = models.resolve_spec
     monkeypatch.setattr(models, "resolve_spec", lambda spec: str(io.cache_root() / "models" / spec)
                         if spec == "tiny-named" else real_resolve(spec))
-    run = params.from_dict({"name": "r", "model_a": str(tiny_llama_dir), "model_b": str(tiny_llama_dir),
-                            "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},
-                            "device": "cpu"})
+    run = _report_run(tiny_llama_dir, text_file)
     first = pipeline.model_report(run, "tiny-named", max_seqs=4)
     old.rename(new)
     monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(new))
-    calls = []
-    real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    calls = _count_loads(monkeypatch)
     assert pipeline.model_report(run, "tiny-named", max_seqs=4) == first
     assert calls == []
 
@@ -265,21 +274,17 @@ def test_model_report_of_a_made_model_survives_a_moved_cache(tiny_llama_dir, tex
     import shutil
     from pathlib import Path
 
-    from hidden_signatures.run import params, pipeline
+    from hidden_signatures.run import pipeline
 
     old, new = tmp_path / "old-cache", tmp_path / "new-cache"
     built = Path("derived") / "finetune-0123" / "model"
     shutil.copytree(tiny_llama_dir, old / built)
     monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(old))
-    run = params.from_dict({"name": "r", "model_a": str(tiny_llama_dir), "model_b": str(tiny_llama_dir),
-                            "layers": ["first"], "corpus": {"source": str(text_file), "seq_len": 16},
-                            "device": "cpu"})
+    run = _report_run(tiny_llama_dir, text_file)
     first = pipeline.model_report(run, str(old / built), max_seqs=4)
     old.rename(new)
     monkeypatch.setenv("HIDDEN_SIGNATURES_CACHE", str(new))
-    calls = []
-    real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    calls = _count_loads(monkeypatch)
     assert pipeline.model_report(run, str(new / built), max_seqs=4) == first
     assert calls == []
     outside = shutil.copytree(new / built, tmp_path / "elsewhere" / built)
