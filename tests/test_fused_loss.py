@@ -106,3 +106,20 @@ def test_only_the_plain_crosscoder_is_fused() -> None:
     assert not fused_loss.supports(cc.build(cc.CrosscoderConfig(**cfg, architecture="batchtopk", k=4)))
     assert not fused_loss.supports(dfc.DedicatedFeatureCrosscoder(
         cc.CrosscoderConfig(**cfg, architecture="dfc", dfc_sizes={"a_only": 4, "b_only": 4})))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_relu_leaves_zeros_whose_bits_count_what_fired(dtype) -> None:
+    """relu_ zeroes -0.0 to +0.0 (Tensor.relu_ keeps its sign) and keeps NaN, vectorized part and tail,
+    so counting and finding f's nonzero integer bits finds exactly the latents that fired."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 101, generator=gen).to(dtype)
+    x[x.abs() < 0.3] = -0.0
+    x[0, :3] = float("nan")
+    f = fused_loss.relu_(x.clone())
+    assert torch.equal(f.isnan(), x.isnan())
+    fired = (f > 0) | f.isnan()
+    assert 0 < int(torch.count_nonzero(fused_loss.fired_bits(f))) == int(fired.sum())
+    assert torch.equal(fused_loss.fired_bits(f).view(-1).nonzero(), fired.view(-1).nonzero())
+    assert torch.equal(f.nan_to_num(), torch.relu(x).nan_to_num())
+    assert int(torch.count_nonzero(fused_loss.fired_bits(x.clone().relu_()))) > int(fired.sum())  # why not relu_

@@ -27,9 +27,24 @@ below this takes the sparse path. The trainer's `train.sparse_below: auto` measu
 on the machine instead (sparse_probe.py; README, Speed)."""
 
 
-STEP_VERSION = 2
+STEP_VERSION = 3
 """Raised when either path's speed changes (2: the sparse backward runs latent-major, no weight-sized
-transposes or casts), so sparse_probe's cached crossovers of an older step are measured again."""
+transposes or casts; 3: fired latents counted and found on the integer bits of f), so sparse_probe's
+cached crossovers of an older step are measured again."""
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def relu_(t: torch.Tensor) -> torch.Tensor:
+    """ReLU in place that writes +0.0 wherever it zeroes (Tensor.relu_ keeps a -0.0 input's sign) and
+    keeps NaN, so a zero of its output is all-zero bits and `fired_bits` may count on them."""
+    return F.threshold_(t, 0.0, 0.0)
+
+
+def fired_bits(f: torch.Tensor) -> torch.Tensor:
+    """f's integer view, nonzero exactly where f is (f from `relu_`: no -0.0). count_nonzero and
+    nonzero run vectorized on integers: 27x and 2x faster than on bf16 at 4096 x 16384 here."""
+    return f.view(_BITS[f.element_size()])
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -49,11 +64,13 @@ def loss(model: Crosscoder, x_NA: torch.Tensor, x_NB: torch.Tensor, l1_coeff: fl
 
 
 class FiredPairs:
-    """The fired (token, latent) pairs of f in CSR order (by token): enough to decode over them only."""
+    """The fired (token, latent) pairs of f in CSR order (by token): enough to decode over them only.
 
-    def __init__(self, f_NH: torch.Tensor):
+    `from_relu_`: f came from `relu_` (no -0.0), so the pairs are found on its integer bits."""
+
+    def __init__(self, f_NH: torch.Tensor, from_relu_: bool = False):
         N, H = f_NH.shape
-        flat = f_NH.view(-1).nonzero().squeeze(1)
+        flat = (fired_bits(f_NH) if from_relu_ else f_NH).view(-1).nonzero().squeeze(1)
         self.shape = (N, H)
         self.row, self.col = flat // H, flat % H
         self.vals = f_NH.view(-1)[flat].float()
@@ -68,7 +85,7 @@ class _Sparse(FiredPairs):
     """The fired pairs by token, and the same pairs by latent (the sparse backward's weight gradients)."""
 
     def __init__(self, f_NH: torch.Tensor):
-        super().__init__(f_NH)
+        super().__init__(f_NH, from_relu_=True)
         self.by_latent = torch.argsort(self.col, stable=True)
         self.col_T, self.row_T = self.col[self.by_latent], self.row[self.by_latent]  # latent-major
         self.crow_T = row_starts(self.col_T, self.shape[1])
@@ -99,9 +116,9 @@ class _FusedLoss(torch.autograd.Function):
         N = x_NA.shape[0]
         xc = (x_NA.to(dtype), x_NB.to(dtype))
         f_NH = torch.addmm(b_enc.to(dtype), xc[0], W_enc_A.to(dtype))
-        f_NH.addmm_(xc[1], W_enc_B.to(dtype)).relu_()
+        relu_(f_NH.addmm_(xc[1], W_enc_B.to(dtype)))
         norms = (W_dec_A.detach().norm(dim=1), W_dec_B.detach().norm(dim=1))
-        nnz = int(torch.count_nonzero(f_NH))
+        nnz = int(torch.count_nonzero(fired_bits(f_NH)))
         sparse = _Sparse(f_NH) if nnz < sparse_below * f_NH.numel() else None
         W_dec = (W_dec_A.to(dtype), W_dec_B.to(dtype))
         if sparse is None:
