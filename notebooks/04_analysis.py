@@ -41,7 +41,7 @@ tokens = pipeline.pair_tokens(run)
 data = pipeline.open_pair(run, layer)
 result = point_analysis.analyse_layer(run, layer, data, aligned_fraction=tokens.aligned_fraction)
 keys = ["sharedness", "alignment", "alignment_any_fire", "alignment_all_latents", "n_live", "cka", "svcca", "explained_variance",
-        "l0", "dead_fraction", "tokens", "token_ceiling", "converged", "target_l0", "final_l1_coeff", "aligned_fraction"]
+        "l0", "dead_fraction", "tokens", "token_ceiling", "converged", "ev_window_gain", "target_l0", "final_l1_coeff", "aligned_fraction"]
 pd.Series({k: result[k] for k in keys}, dtype=object)
 
 # %% [markdown]
@@ -49,7 +49,9 @@ pd.Series({k: result[k] for k in keys}, dtype=object)
 # Held-out explained variance of both models, L0 and the share of dead latents (no firing on the
 # held-out tokens) against training tokens. Training stops when explained variance gains less than
 # `train.converge_gain` over the last `train.converge_window` of the tokens (then the learning rate
-# decays), or at the token ceiling `train.tokens`; with `train.target_l0` the L1 weight is steered
+# decays), or at the token ceiling `train.tokens` (`ev_window_gain` above: how much explained variance
+# still changed over that window when training stopped; for a run the ceiling stopped, measured up to
+# where its decay began); with `train.target_l0` the L1 weight is steered
 # so that L0 settles at the target; dead latents are resampled at each evaluation until three
 # quarters of the final decay are over.
 

@@ -94,6 +94,36 @@ def test_rule_waits_for_min_frac_and_for_the_target_l0() -> None:
     assert convergence.rule_met(curve_of([0.8]), 1000, cfg_of(min_frac=0.0)) is None  # no earlier point
 
 
+def _record(evs, converged=False, decay_start=None, rule=None):
+    return {"converged": converged, "tokens": 1000 * len(evs), "token_ceiling": 1000 * len(evs),
+            "decay_start_tokens": decay_start, "rule": rule, "curve": curve_of(evs),
+            "stopping_rule": {"converge_gain": 0.005, "converge_window": 0.2, "min_frac": 0.25, "target_l0": 64}}
+
+
+def test_gain_at_stop_reads_the_window_before_the_ceilings_decay() -> None:
+    """Unconverged: EV's change over the last 20% up to where the decay began (8000 vs 6000 tokens
+    here), not the decay's own rise after it; converged: the rule's own number; too short: None."""
+    rising = [0.5, 0.6, 0.65, 0.7, 0.72, 0.74, 0.76, 0.78, 0.85, 0.9]
+    assert convergence.window_gain(curve_of(rising), 8000, 0.2) == {"ev_gain": 0.78 - 0.74, "since_tokens": 6000,
+                                                                   "tokens": 8000}
+    assert convergence.gain_at_stop(_record(rising, decay_start=8000)) == 0.78 - 0.74
+    assert convergence.gain_at_stop(_record(rising)) == 0.9 - 0.78  # no decay recorded: up to the end
+    assert convergence.gain_at_stop(_record([0.5])) is None  # no row as early as the window's start
+    done = _record([0.8] * 10, converged=True, decay_start=8000, rule={"ev_gain": 0.001, "since_tokens": 6000})
+    assert convergence.gain_at_stop(done) == 0.001
+
+
+def test_the_verdict_line_says_how_far_an_unconverged_run_was_from_the_rule() -> None:
+    from hidden_signatures.run import point_analysis
+
+    line = point_analysis.convergence_line(_record([0.5, 0.6, 0.65, 0.7, 0.72, 0.74, 0.76, 0.78, 0.85, 0.9],
+                                                   decay_start=8000))
+    assert line == ("not converged at 0.01M of 0.01M tokens (stopped by the token ceiling; EV changed by +0.0400 "
+                    "over the last 20% before its decay, where the rule asks for under 0.005)")
+    done = _record([0.8] * 10, converged=True, decay_start=8000, rule={"ev_gain": 0.001})
+    assert point_analysis.convergence_line(done).endswith("(EV changed by +0.0010 over the last 20%)")
+
+
 def test_controller_raises_l1_above_target_and_lowers_it_below() -> None:
     assert convergence.next_l1(1.0, 200.0, 50.0, 0.01) > 1.0
     assert convergence.next_l1(1.0, 10.0, 50.0, 0.01) < 1.0

@@ -22,7 +22,7 @@ PAPER_PAIRS = {"sanity": "GPT-2 vs GPT-2", "finetuning": "Gemma-2-2B vs IT",
 HEADLINE = ("sharedness", "alignment", "cka")
 COLUMNS = ["pair", "relationship", "layer", "architecture", "seeds", "sharedness", "sharedness_spread",
            "sharedness_null", "alignment", "alignment_spread", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
-           "dead_fraction", "tokens", "converged", "aligned_fraction", "precision", "paper_sharedness", "paper_alignment"]
+           "dead_fraction", "tokens", "converged", "ev_window_gain", "aligned_fraction", "precision", "paper_sharedness", "paper_alignment"]
 
 
 def load_points(results_root: Path) -> pd.DataFrame:
@@ -38,6 +38,7 @@ def load_points(results_root: Path) -> pd.DataFrame:
                      "cka": m.get("cka"), "svcca": m.get("svcca"), "ev_a": m["explained_variance"]["A"],
                      "ev_b": m["explained_variance"]["B"], "l0": m["l0"], "dead_fraction": m["dead_fraction"],
                      "tokens": m.get("tokens"), "converged": m.get("converged"),
+                     "ev_window_gain": m.get("ev_window_gain"),
                      "aligned_fraction": m.get("aligned_fraction"), "precision": _precision(m.get("precision")),
                      "machine": _machine(m.get("precision"))})
     return pd.DataFrame(rows)
@@ -82,6 +83,7 @@ def collect(results_root: Path) -> pd.DataFrame:
         row["precision"] = ", ".join(sorted(set(group["precision"])))
         row["tokens"] = group["tokens"].mean() if group["tokens"].notna().any() else None
         row["converged"] = bool(group["converged"].eq(True).all())  # every seed stopped by the rule
+        row["ev_window_gain"] = group["ev_window_gain"].mean() if group["ev_window_gain"].notna().any() else None
         for col in ("sharedness", "alignment"):
             row[f"{col}_spread"] = group[col].std(ddof=1) if len(group) > 1 else None
         out.append(row)
@@ -170,22 +172,27 @@ def markdown_table(frame: pd.DataFrame) -> str:
                      f"{_pm(r.sharedness, r.sharedness_spread)}{_null(r.sharedness_null)} | "
                      f"{_pm(r.alignment, r.alignment_spread)}{_null(r.alignment_null)} | {_pm(r.cka, None)} | "
                      f"{r.ev_a:.2f} / {r.ev_b:.2f} | {r.l0:.0f} | {r.dead_fraction:.2f} | "
-                     f"{_tokens(r.tokens, r.converged)} | {paper} |")
+                     f"{_tokens(r.tokens, r.converged, r.ev_window_gain)} | {paper} |")
     if not frame.empty and not frame["converged"].all():
         lines.append("")
-        lines.append(f"{NOT_CONVERGED} did not converge: the token ceiling, not the stopping rule, ended its training "
-                     "(held-out explained variance still changing; see its curve in 04_analysis).")
+        lines.append(f"{NOT_CONVERGED} did not converge: the token ceiling, not the stopping rule, ended its training; "
+                     "the number after it is how much held-out explained variance (mean of A and B) still changed "
+                     "over the rule's window before the ceiling's lr decay (in the default pairs: the last 20% of "
+                     "the tokens, where the rule asks for under 0.005; curves in 04_analysis).")
     return "\n".join(lines)
 
 
 NOT_CONVERGED = "†"
 
 
-def _tokens(tokens, converged) -> str:
-    """Tokens trained, e.g. `0.64M`, marked when the run did not converge."""
+def _tokens(tokens, converged, gain=None) -> str:
+    """Tokens trained, e.g. `0.64M`, marked when the run did not converge, with its EV change then
+    (`0.40M † +0.021`)."""
     if tokens is None or pd.isna(tokens):
         return ""
-    return f"{tokens / 1e6:.2f}M" + ("" if converged else f" {NOT_CONVERGED}")
+    if converged:
+        return f"{tokens / 1e6:.2f}M"
+    return f"{tokens / 1e6:.2f}M {NOT_CONVERGED}" + ("" if gain is None or pd.isna(gain) else f" {gain:+.3f}")
 
 
 def compare_pairs(frame: pd.DataFrame, pair_a: str, pair_b: str, metrics: tuple[str, ...] = HEADLINE) -> pd.DataFrame:

@@ -114,15 +114,35 @@ def rule_met(curve: list[dict], total_tokens: int, cfg: TrainConfig) -> dict | N
         return None
     if cfg.target_l0 is not None and abs(math.log(max(last["l0"], 1e-3) / cfg.target_l0)) > math.log(L0_BAND):
         return None
-    start = seen * (1 - cfg.converge_window)
-    earlier = [row for row in curve if row["tokens"] <= start]
+    window = window_gain(curve, seen, cfg.converge_window)
+    if window is None or abs(window["ev_gain"]) >= cfg.converge_gain:  # rising or falling: not settled
+        return None
+    return {"tokens": seen, "ev": curve_ev(last), "ev_gain": window["ev_gain"],
+            "since_tokens": window["since_tokens"], "l0": last["l0"]}
+
+
+def window_gain(curve: list[dict], seen: int, window: float) -> dict | None:
+    """Held-out EV's change over the last `window` share of the curve up to `seen` tokens: its last
+    row there against the last row at or before (1 - window) of that row's tokens (None: none so early)."""
+    rows = [row for row in curve if row["tokens"] <= seen]
+    if not rows:
+        return None
+    earlier = [row for row in rows if row["tokens"] <= rows[-1]["tokens"] * (1 - window)]
     if not earlier:
         return None
-    gain = curve_ev(last) - curve_ev(earlier[-1])
-    if abs(gain) >= cfg.converge_gain:  # still rising, or falling: not settled either way
-        return None
-    return {"tokens": seen, "ev": curve_ev(last), "ev_gain": gain, "since_tokens": earlier[-1]["tokens"],
-            "l0": last["l0"]}
+    return {"ev_gain": curve_ev(rows[-1]) - curve_ev(earlier[-1]), "since_tokens": earlier[-1]["tokens"],
+            "tokens": rows[-1]["tokens"]}
+
+
+def gain_at_stop(record: dict) -> float | None:
+    """What convergence.json says of how settled training was when it stopped: the rule's own EV change
+    where the rule fired, else the same change measured up to where the token ceiling's decay began
+    (the decay's own rise is the lr falling, not the curve settling). None: the curve is too short."""
+    if record["converged"]:
+        return record["rule"]["ev_gain"]
+    upto = record.get("decay_start_tokens") or record["tokens"]
+    window = window_gain(record["curve"], upto, record["stopping_rule"]["converge_window"])
+    return None if window is None else window["ev_gain"]
 
 
 def after_eval(control: Control, curve: list[dict], step: int, total: int, cfg: TrainConfig) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from .. import io
 from ..analysis import figures, metrics, splice
+from ..crosscoders import convergence
 from ..crosscoders import crosscoder as cc_mod
 from ..crosscoders import evaluate
 from ..crosscoders import train as train_mod
@@ -77,6 +78,7 @@ def analyse_layer(run: RunConfig, label: str, data: PairedActivations | None = N
         if int(live.sum()) - 1 >= data.d_a + data.d_b else None, "explained_variance": ev["explained_variance"], "l0": ev["l0"],
         "dead_fraction": ev["dead_fraction"], "tokens_trained": log[-1]["tokens"],
         "tokens": conv["tokens"], "token_ceiling": conv["token_ceiling"], "converged": conv["converged"],
+        "ev_window_gain": convergence.gain_at_stop(conv),
         "target_l0": conv["stopping_rule"]["target_l0"], "final_l1_coeff": conv["final_l1_coeff"],
         "eval_tokens": ev["eval_tokens"], "latent_classes": classes,
         "cka": metrics.linear_cka(x_a.double(), x_b.double()),
@@ -113,9 +115,11 @@ def convergence_figure(run: RunConfig, label: str, conv: dict | None = None):
 
 def convergence_line(conv: dict) -> str:
     """One line: converged or not, on how many tokens of the ceiling, and why it stopped."""
-    rule = conv.get("rule") or {}
-    why = (f"EV changed by {rule['ev_gain']:+.4f} over the last {conv['stopping_rule']['converge_window']:.0%}"
-           if conv["converged"] else "stopped by the token ceiling")
+    rules, gain = conv["stopping_rule"], convergence.gain_at_stop(conv)
+    changed = "" if gain is None else f"EV changed by {gain:+.4f} over the last {rules['converge_window']:.0%}"
+    why = changed if conv["converged"] else "; ".join(
+        ["stopped by the token ceiling"] + ([f"{changed} before its decay, where the rule asks for under "
+                                             f"{rules['converge_gain']:g}"] if changed else []))
     verdict = "converged" if conv["converged"] else "not converged"
     return f"{verdict} at {conv['tokens'] / 1e6:.2f}M of {conv['token_ceiling'] / 1e6:.2f}M tokens ({why})"
 
