@@ -22,7 +22,8 @@ PAPER_PAIRS = {"sanity": "GPT-2 vs GPT-2", "finetuning": "Gemma-2-2B vs IT",
 HEADLINE = ("sharedness", "alignment", "cka")
 COLUMNS = ["pair", "relationship", "layer", "architecture", "seeds", "sharedness", "sharedness_spread",
            "sharedness_null", "alignment", "alignment_spread", "alignment_null", "cka", "svcca", "ev_a", "ev_b", "l0",
-           "dead_fraction", "tokens", "converged", "ev_window_gain", "aligned_fraction", "precision", "paper_sharedness", "paper_alignment"]
+           "dead_fraction", "tokens", "converged", "ev_window_gain", "aligned_fraction", "precision",
+           "paper_sharedness", "paper_alignment"]
 
 
 def load_points(results_root: Path) -> pd.DataFrame:
