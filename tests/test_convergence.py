@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,8 @@ def record(out) -> dict:
 
 # -- the rule on hand-made curves ---------------------------------------------------------------
 def curve_of(evs, l0=50.0, step_tokens=1000):
-    return [{"tokens": (i + 1) * step_tokens, "ev_a": ev, "ev_b": ev, "l0": l0} for i, ev in enumerate(evs)]
+    return [{"tokens": (i + 1) * step_tokens, "ev_a": ev, "ev_b": ev, "l0": l0, "dead_fraction": 0.0}
+            for i, ev in enumerate(evs)]
 
 
 def test_rule_fires_on_a_flat_curve_and_not_on_a_rising_one() -> None:
@@ -122,6 +125,8 @@ def test_the_verdict_line_says_how_far_an_unconverged_run_was_from_the_rule() ->
                     "over the last 20% before its decay, where the rule asks for under 0.005)")
     done = _record([0.8] * 10, converged=True, decay_start=8000, rule={"ev_gain": 0.001})
     assert point_analysis.convergence_line(done).endswith("(EV changed by +0.0010 over the last 20%)")
+    title = point_analysis.convergence_figure(SimpleNamespace(name="p"), "last", done).layout.title.text
+    assert title.startswith("p · last: converged at 0.01M of 0.01M tokens<br>") and "+0.0010" in title  # 2 lines
 
 
 def test_controller_raises_l1_above_target_and_lowers_it_below() -> None:

@@ -109,19 +109,27 @@ CURVE_KEYS = ("ev_a", "ev_b", "l0", "dead_fraction")
 def convergence_figure(run: RunConfig, label: str, conv: dict | None = None):
     """Held-out explained variance of both models, L0 and dead share against tokens, with the verdict."""
     conv = conv or io.read_json(pipeline.layer_dir(run, label) / train_mod.CURVE_FILE)
-    return figures.training_curves(conv["curve"], list(CURVE_KEYS), step_key="tokens",
-                                   title=f"{run.name} · {label}: {convergence_line(conv)}")
+    verdict, why = convergence_parts(conv)
+    fig = figures.training_curves(conv["curve"], list(CURVE_KEYS), step_key="tokens",
+                                  title=f"{run.name} · {label}: {verdict}<br><span style='font-size:12px'>{why}</span>")
+    return fig.update_layout(margin_t=95)
 
 
 def convergence_line(conv: dict) -> str:
     """One line: converged or not, on how many tokens of the ceiling, and why it stopped."""
+    verdict, why = convergence_parts(conv)
+    return f"{verdict} ({why})"
+
+
+def convergence_parts(conv: dict) -> tuple[str, str]:
+    """The verdict (converged or not, on how many tokens of the ceiling) and why it stopped."""
     rules, gain = conv["stopping_rule"], convergence.gain_at_stop(conv)
     changed = "" if gain is None else f"EV changed by {gain:+.4f} over the last {rules['converge_window']:.0%}"
     why = changed if conv["converged"] else "; ".join(
         ["stopped by the token ceiling"] + ([f"{changed} before its decay, where the rule asks for under "
                                              f"{rules['converge_gain']:g}"] if changed else []))
     verdict = "converged" if conv["converged"] else "not converged"
-    return f"{verdict} at {conv['tokens'] / 1e6:.2f}M of {conv['token_ceiling'] / 1e6:.2f}M tokens ({why})"
+    return f"{verdict} at {conv['tokens'] / 1e6:.2f}M of {conv['token_ceiling'] / 1e6:.2f}M tokens", why
 
 
 def save_strengths(out: Path, W_A: torch.Tensor, W_B: torch.Tensor, mean_act: torch.Tensor, sim: float,
