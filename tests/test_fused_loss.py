@@ -123,3 +123,23 @@ def test_relu_leaves_zeros_whose_bits_count_what_fired(dtype) -> None:
     assert torch.equal(fused_loss.fired_bits(f).view(-1).nonzero(), fired.view(-1).nonzero())
     assert torch.equal(f.nan_to_num(), torch.relu(x).nan_to_num())
     assert int(torch.count_nonzero(fused_loss.fired_bits(x.clone().relu_()))) > int(fired.sum())  # why not relu_
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, block_columns", [((1000, 3000), None), ((512, 1000), 64), ((3, 130), 64),
+                                                  ((4096, 700), 128)])
+def test_column_sums_are_torchs_sums_bit_for_bit(shape, block_columns, threads, monkeypatch) -> None:
+    """The blocked fp32 column sums of a bf16 matrix are torch.sum(dtype=float32)'s bits, with many
+    blocks and a ragged last one, on one thread and on two. Blocks must be whole vectors: at (1000,
+    3000) the unrounded block (1048 columns) puts a vector tail inside, whose columns sum otherwise."""
+    if block_columns:
+        monkeypatch.setattr(fused_loss, "COLUMN_BLOCK_BYTES", block_columns * 4 * shape[0])
+    gen = torch.Generator().manual_seed(1)
+    t = (torch.randn(*shape, generator=gen) * 3).relu().bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, torchs = fused_loss.column_sums(t), torch.sum(t, 0, dtype=torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert ours.dtype == torch.float32 and torch.equal(ours.view(torch.int32), torchs.view(torch.int32))
