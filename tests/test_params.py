@@ -269,11 +269,12 @@ def test_train_at_changes_the_budget_of_every_crosscoder_at_that_layer_only() ->
 
 
 def test_sanity_pair_caps_its_first_block_and_seed_floor_lower(bf16_machine) -> None:
+    """The first block (and its seeds) at 0.4M; the middle's ceiling high enough for the rule to end it."""
     from hidden_signatures.run import pipeline
 
     run = params.load(PARAMS_DIR / "smollm2-same.yaml")
     assert {p.name: p.train.tokens for p in pipeline.points(run)} == \
-        {"first": 400_000, "first-seed1": 400_000, "first-seed2": 400_000, "middle": 1_000_000, "last": 1_000_000}
+        {"first": 400_000, "first-seed1": 400_000, "first-seed2": 400_000, "middle": 4_000_000, "last": 1_000_000}
     assert {p.train.target_l0 for p in pipeline.points(run)} == {64}
     assert {p.train.lr_warmup_frac for p in pipeline.points(run)} == {0.1}
 
@@ -286,6 +287,18 @@ def test_sanity_pair_on_a_cpu_without_native_bf16_takes_its_fp32_budget(fp32_mac
         {"first": 200_000, "first-seed1": 200_000, "middle": 400_000, "last": 400_000}  # two seeds on fp32
     assert run.harvest.max_tokens == 100_000
     assert params.load(PARAMS_DIR / "smollm2-same.yaml", quick=True).train.tokens == 15_000
+
+
+@pytest.mark.parametrize("machine, last", [("bf16_machine", 2_800_000), ("bf16_without_amx_machine", 2_800_000),
+                                           ("fp32_machine", 700_000)])
+def test_gemma_pairs_last_block_gets_the_ceiling_its_rule_needs_where_bf16_is_native(request, machine, last) -> None:
+    """The rule ended the last block at 2.09M tokens with a 2.8M ceiling (bf16); the fp32 class keeps 0.7M."""
+    from hidden_signatures.run import pipeline
+
+    request.getfixturevalue(machine)
+    run = params.load(PARAMS_DIR / "smollm2-gemma3.yaml")
+    tokens = {p.name: p.train.tokens for p in pipeline.points(run)}
+    assert tokens["last"] == last and tokens["first"] == tokens["middle"] < last
 
 
 @pytest.mark.parametrize("quick", [False, True])
