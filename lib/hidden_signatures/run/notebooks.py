@@ -6,6 +6,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jupyter_client.manager import AsyncKernelManager
+
+
+class QuietShutdownKernelManager(AsyncKernelManager):
+    """papermill's kernel manager, minus the SIGINT jupyter_client sends a kernel just before asking it
+    to shut down: the kernel is idle by then (the notebook has run), and the interrupt made some logs
+    end in "[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel." for nothing. A kernel that does
+    not exit on the shutdown request is still killed (jupyter_client's own fallback)."""
+
+    async def _async_interrupt_kernel(self) -> None:
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
+
 
 def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
     """Execute a Jupytext .py notebook with papermill into an executed .ipynb.
@@ -25,4 +39,5 @@ def execute(notebook: Path, output: Path, parameters: dict, cwd: Path) -> None:
         # papermill writes the notebook as it goes: a failed run leaves the failing cell to read.
         papermill.execute_notebook(nb, str(output), parameters=parameters, cwd=str(cwd),
                                    kernel_name="python3", progress_bar=False, log_output=True,
-                                   stdout_file=sys.stdout, stderr_file=sys.stderr, config=ipc)
+                                   stdout_file=sys.stdout, stderr_file=sys.stderr, config=ipc,
+                                   kernel_manager_class=QuietShutdownKernelManager)
