@@ -168,7 +168,7 @@ def test_a_bf16_cpu_without_amx_trains_two_seeds_and_keeps_the_bf16_budgets(bf16
     assert "smollm2-same 03_train first-seed1" in by_name and "distill-jacobian 03_train middle-seed1" in by_name
     assert not any("seed2" in n for n in by_name)
     run = params.load(ROOT / "params" / "smollm2-same.yaml")
-    assert run.train.tokens == 1_000_000 and run.harvest.max_tokens is None and run.analysis.splice_seqs == 4
+    assert run.train.tokens == 2_400_000 and run.harvest.max_tokens is None and run.analysis.splice_seqs == 4
 
 
 def test_missing_notebooks_drop_out_and_their_dependants_wait_on_what_they_waited_for(tmp_path) -> None:
