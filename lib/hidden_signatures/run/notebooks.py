@@ -16,7 +16,7 @@ class QuietShutdownKernelManager(AsyncKernelManager):
     not exit on the shutdown request is still killed (jupyter_client's own fallback)."""
 
     async def _async_interrupt_kernel(self) -> None:
-        if self.shutting_down:
+        if getattr(self, "shutting_down", False):  # set by shutdown_kernel before it interrupts
             return
         await super()._async_interrupt_kernel()
 
