@@ -237,17 +237,23 @@ def _trained_a_while(pair, steps: int = 20):
     return model, opt, x_a, x_b
 
 
+def _moment(model, opt, name: str, key: str) -> torch.Tensor:
+    """Adam's `key` state of the public tensor `name`, in that tensor's layout."""
+    param, transposed = model.stored(name)
+    return opt.state[param][key].T if transposed else opt.state[param][key]
+
+
 def test_resample_restarts_the_moments_of_resampled_latents(pair) -> None:
     """First moment 0; second moment the live latents' mean, so the re-aimed latent steps like a live one."""
     model, opt, x_a, x_b = _trained_a_while(pair)
     dead = torch.zeros(H, dtype=torch.bool)
     dead[:3] = True
     before = model.W_dec_A[5].clone()
-    live_v = {name: opt.state[getattr(model, name)]["exp_avg_sq"].clone() for name in ("W_dec_B", "W_enc_A", "b_enc")}
+    live_v = {name: _moment(model, opt, name, "exp_avg_sq").clone() for name in ("W_dec_B", "W_enc_A", "b_enc")}
     assert resample.resample(model, opt, dead, x_a, x_b, seed=0) == 3
     assert torch.equal(model.W_dec_A[5], before)
-    assert torch.all(opt.state[model.W_enc_A]["exp_avg"][:, :3] == 0)
-    v = {name: opt.state[getattr(model, name)]["exp_avg_sq"] for name in live_v}
+    assert torch.all(_moment(model, opt, "W_enc_A", "exp_avg")[:, :3] == 0)
+    v = {name: _moment(model, opt, name, "exp_avg_sq") for name in live_v}
     torch.testing.assert_close(v["W_dec_B"][:3], live_v["W_dec_B"][3:].mean(0).expand(3, -1))
     torch.testing.assert_close(v["W_enc_A"][:, :3], live_v["W_enc_A"][:, 3:].mean(1, keepdim=True).expand(-1, 3))
     torch.testing.assert_close(v["b_enc"][:3], live_v["b_enc"][3:].mean().expand(3))

@@ -92,7 +92,17 @@ def test_gradients_reach_every_parameter() -> None:
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
-    assert {n for n, _ in model.named_parameters()} == set(crosscoder.PARAM_NAMES)
+    stored = {crosscoder.ENCODER_STORAGE.get(n, n) for n in crosscoder.PARAM_NAMES}
+    assert {n for n, _ in model.named_parameters()} == stored  # each public tensor stored once
+
+
+def test_encoders_are_stored_latent_by_latent() -> None:
+    """W_enc_A is a [A, H] view of a contiguous [H, A] parameter; saving and loading see the view."""
+    model = make(seed=0)
+    assert model.W_enc_HA.is_contiguous() and model.W_enc_HA.shape == (H, D_A)
+    assert model.W_enc_A.shape == (D_A, H) and model.W_enc_A.data_ptr() == model.W_enc_HA.data_ptr()
+    assert model.stored("W_enc_B") == (model.W_enc_HB, True) and model.stored("b_enc") == (model.b_enc, False)
+    assert torch.equal(model.state_tensors()["W_enc_B"], model.W_enc_HB.detach().T)
 
 
 @pytest.mark.parametrize("kwargs, needle", [

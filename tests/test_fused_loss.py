@@ -25,7 +25,13 @@ def loss_and_grads(model, fn):
     model.zero_grad(set_to_none=True)
     parts = fn()
     parts.total.backward()
-    return parts, {name: p.grad.clone() for name, p in model.named_parameters()}
+    return parts, {name: grad_of(model, name) for name in cc.PARAM_NAMES}
+
+
+def grad_of(model, name: str) -> torch.Tensor:
+    """The gradient of the public tensor `name` (the encoders are stored transposed)."""
+    param, transposed = model.stored(name)
+    return (param.grad.T if transposed else param.grad).clone()
 
 
 @pytest.mark.parametrize("sparse_below", [DENSE, SPARSE], ids=["dense", "sparse"])

@@ -233,6 +233,22 @@ def _bad_optimizer_groups(checkpoint) -> None:
     io.write_json(checkpoint / tr.STATE_FILE, state)
 
 
+def _optimizer_of_another_layout(checkpoint) -> None:
+    """Adam's state of the encoders saved [A, H] (before they were stored latent by latent), hashes fine."""
+    path = checkpoint / tr.OPTIMIZER_FILE
+    tensors = io.load_tensors(path)
+    enc = [i for i, (name, _) in enumerate(fresh_model_params()) if name == "W_enc_HA"][0]
+    io.save_tensors(path, {k: v.T.contiguous() if k.startswith(f"{enc}.") and v.dim() == 2 else v
+                           for k, v in tensors.items()})
+    state = io.read_json(checkpoint / tr.STATE_FILE)
+    state["optimizer_sha256"] = io.file_sha256(path)
+    io.write_json(checkpoint / tr.STATE_FILE, state)
+
+
+def fresh_model_params():
+    return list(crosscoder.build(crosscoder.CrosscoderConfig(d_a=4, d_b=4, dict_size=8)).named_parameters())
+
+
 def _no_step(checkpoint) -> None:
     state = io.read_json(checkpoint / tr.STATE_FILE)
     del state["step"]
@@ -243,7 +259,8 @@ def _truncated_state(checkpoint) -> None:
     (checkpoint / tr.STATE_FILE).write_text(json.dumps({"step": 20})[:-3], encoding="utf-8")
 
 
-@pytest.mark.parametrize("corrupt", [_corrupt_weights, _bad_optimizer_groups, _no_step, _truncated_state])
+@pytest.mark.parametrize("corrupt", [_corrupt_weights, _bad_optimizer_groups, _optimizer_of_another_layout,
+                                     _no_step, _truncated_state])
 def test_unusable_checkpoint_is_ignored_with_a_warning(corrupt, reference, data, tmp_path, capsys) -> None:
     ref_dir, _ = reference
     run_interrupted(data, tmp_path, die_at_step=23)

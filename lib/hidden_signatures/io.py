@@ -177,8 +177,22 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         state.setdefault(int(pid), {})[key] = value
     for pid, values in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(values)
+    _check_state_shapes(optimizer, state)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     _match_param_layouts(optimizer)
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer, state: dict[int, dict]) -> None:
+    """Refuse, before loading any of it, state shaped unlike its parameter (saved for another layout
+    or model): a fused optimizer would walk the two as flat memory of different sizes."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for pid, values in state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0 and (
+                    pid >= len(params) or value.shape != params[pid].shape):
+                shape = tuple(params[pid].shape) if pid < len(params) else "none"
+                raise ArtifactError(f"optimizer state {pid}.{key} has shape {tuple(value.shape)}, its "
+                                    f"parameter {shape}: saved for another layout or model")
 
 
 def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:

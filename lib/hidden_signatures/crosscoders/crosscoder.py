@@ -19,6 +19,9 @@ from .. import io
 WEIGHTS_FILE = "crosscoder.safetensors"
 CONFIG_FILE = "crosscoder_config.json"
 PARAM_NAMES = ("W_enc_A", "W_enc_B", "b_enc", "W_dec_A", "W_dec_B", "b_dec_A", "b_dec_B")
+"""The tensors of a crosscoder under their public names and shapes (the saved file's)."""
+ENCODER_STORAGE = {"W_enc_A": "W_enc_HA", "W_enc_B": "W_enc_HB"}
+"""Public encoder name -> the parameter that stores it transposed, latent by latent."""
 
 
 @dataclass
@@ -101,13 +104,33 @@ class Crosscoder(nn.Module):
         W_dec_B = _rows_with_norm(torch.randn(H, B, generator=generator), cfg.dec_init_norm)
         self.W_dec_A = nn.Parameter(W_dec_A)
         self.W_dec_B = nn.Parameter(W_dec_B)
-        # contiguous, not W_dec.T.clone() (which keeps the transposed strides): a fused optimizer
-        # walks a parameter and its state as flat memory, and a checkpoint restores state row-major
-        self.W_enc_A = nn.Parameter(W_dec_A.T.contiguous())
-        self.W_enc_B = nn.Parameter(W_dec_B.T.contiguous())
+        # The encoders start as the decoders' transposes and are stored latent by latent, [H, A] like
+        # the decoders (read as W_enc_A [A, H]): the training step builds their gradients latent by
+        # latent (fused_loss.py), so no weight-sized transpose is paid per step. Contiguous, as a
+        # fused optimizer walks a parameter and its state as flat memory.
+        self.W_enc_HA = nn.Parameter(W_dec_A.clone())
+        self.W_enc_HB = nn.Parameter(W_dec_B.clone())
         self.b_enc = nn.Parameter(torch.zeros(H))
         self.b_dec_A = nn.Parameter(torch.zeros(A))
         self.b_dec_B = nn.Parameter(torch.zeros(B))
+
+    @property
+    def W_enc_A(self) -> torch.Tensor:
+        """Model A's encoder [A, H]: a view of the stored W_enc_HA (products give the same bits as
+        with a row-major copy, except fp32 ones of fewer than 8 rows: `centre` takes a copy)."""
+        return self.W_enc_HA.T
+
+    @property
+    def W_enc_B(self) -> torch.Tensor:
+        """Model B's encoder [B, H]: a view of the stored W_enc_HB."""
+        return self.W_enc_HB.T
+
+    def stored(self, name: str) -> tuple[nn.Parameter, bool]:
+        """The parameter that holds the tensor named `name` (PARAM_NAMES), and whether it holds it
+        transposed (the encoders): what an optimizer's state is keyed by and laid out like."""
+        if name in ENCODER_STORAGE:
+            return getattr(self, ENCODER_STORAGE[name]), True
+        return getattr(self, name), False
 
     # -- the three steps -------------------------------------------------------------
     def pre_acts(self, x_NA: torch.Tensor, x_NB: torch.Tensor) -> torch.Tensor:
@@ -152,7 +175,8 @@ class Crosscoder(nn.Module):
         pre-activation is zero there (each then fires on about half the tokens, none on none)."""
         self.b_dec_A.copy_(mean_A)
         self.b_dec_B.copy_(mean_B)
-        self.b_enc.copy_(-(mean_A.to(self.W_enc_A) @ self.W_enc_A + mean_B.to(self.W_enc_B) @ self.W_enc_B))
+        W_A, W_B = self.W_enc_A.contiguous(), self.W_enc_B.contiguous()  # a row-major vector product's bits
+        self.b_enc.copy_(-(mean_A.to(W_A) @ W_A + mean_B.to(W_B) @ W_B))
         self.post_step()
 
     def post_step(self) -> None:

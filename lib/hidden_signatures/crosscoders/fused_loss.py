@@ -27,11 +27,11 @@ below this takes the sparse path. The trainer's `train.sparse_below: auto` measu
 on the machine instead (sparse_probe.py; README, Speed)."""
 
 
-STEP_VERSION = 4
+STEP_VERSION = 5
 """Raised when either path's speed changes (2: the sparse backward runs latent-major, no weight-sized
 transposes or casts; 3: fired latents counted and found on the integer bits of f; 4: the dense
-path's column sums in cache-sized blocks), so sparse_probe's cached crossovers of an older step are
-measured again."""
+path's column sums in cache-sized blocks; 5: encoders stored latent-major, their gradients no longer
+transposed), so sparse_probe's cached crossovers of an older step are measured again."""
 
 COLUMN_BLOCK_BYTES = 4 << 20
 """`column_sums` casts this many bytes of fp32 at a time: within a core's share of the L3 cache."""
@@ -184,12 +184,13 @@ class _FusedLoss(torch.autograd.Function):
 
 
 def _dense_backward(xc, f_NH, W_dec, g, l1_H, dtype):
-    """Gradients for (W_enc_A, W_enc_B), b_enc, (W_dec_A, W_dec_B), every latent of every token."""
+    """Gradients for (W_enc_A, W_enc_B), b_enc, (W_dec_A, W_dec_B), every latent of every token; the
+    encoders' computed latent-major, the layout they are stored in (the same bits as x^T @ g)."""
     gc = [gm.to(dtype) for gm in g]
     dW_dec = [f_NH.T @ gm for gm in gc]
     g_NH = torch.addmm(l1_H.to(dtype), gc[0], W_dec[0].T).addmm_(gc[1], W_dec[1].T)
     g_NH = torch.ops.aten.threshold_backward(g_NH, f_NH, 0)  # zero where the latent did not fire
-    return [x.T @ g_NH for x in xc], column_sums(g_NH), dW_dec
+    return [(g_NH.T @ x).T for x in xc], column_sums(g_NH), dW_dec
 
 
 def _sparse_backward(sp: _Sparse, xc, W_dec, g, l1_H, dtype):
@@ -197,8 +198,8 @@ def _sparse_backward(sp: _Sparse, xc, W_dec, g, l1_H, dtype):
 
     Everything runs in the latent-major order of the fired pairs, so the SDDMM reads the decoder as
     stored ([H, D] @ g^T [D, N]) and no weight-sized tensor is transposed; the decoder gradients come
-    out in fp32 (no weight-sized cast). Only the encoder gradients pay one transposing copy, into the
-    encoder's [D, H] layout."""
+    out in fp32 (no weight-sized cast), and the encoder gradients latent-major as the encoders are
+    stored (Crosscoder.W_enc_HA), so they need no transposing copy either."""
     N, H = sp.shape
     pattern = _csr(sp.crow_T, sp.row_T, torch.zeros_like(sp.vals), (H, N))
     g_vals = l1_H[sp.col_T]  # d total / d f at the fired pairs, latent-major: the L1 term
@@ -206,12 +207,7 @@ def _sparse_backward(sp: _Sparse, xc, W_dec, g, l1_H, dtype):
         g_vals += torch.sparse.sampled_addmm(pattern, W.detach(), gm.T.contiguous()).values()
     vals = sp.vals[sp.by_latent]
     dW_dec = [sp.bag_T(vals, gm) for gm in g]
-    dW_enc = [_transposed_fp32(sp.bag_T(g_vals.to(dtype), x)) for x in xc]
+    dW_enc = [sp.bag_T(g_vals.to(dtype), x).float().T for x in xc]
     db_enc_H = torch.zeros_like(l1_H).index_add_(0, sp.col_T, g_vals)
     return dW_enc, db_enc_H, dW_dec
 
-
-def _transposed_fp32(t_HD: torch.Tensor) -> torch.Tensor:
-    """t^T as a contiguous fp32 [D, H] tensor in one pass (`.T.float()` would keep the transposed
-    strides, and autograd would copy again to lay the gradient out like its parameter)."""
-    return torch.empty(t_HD.shape[::-1], dtype=torch.float32, device=t_HD.device).copy_(t_HD.T)
