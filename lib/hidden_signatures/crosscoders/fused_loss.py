@@ -27,11 +27,13 @@ below this takes the sparse path. The trainer's `train.sparse_below: auto` measu
 on the machine instead (sparse_probe.py; README, Speed)."""
 
 
-STEP_VERSION = 5
+STEP_VERSION = 4
 """Raised when either path's speed changes (2: the sparse backward runs latent-major, no weight-sized
 transposes or casts; 3: fired latents counted and found on the integer bits of f; 4: the dense
-path's column sums in cache-sized blocks; 5: encoders stored latent-major, their gradients no longer
-transposed), so sparse_probe's cached crossovers of an older step are measured again."""
+path's column sums in cache-sized blocks), so sparse_probe's cached crossovers of an older step are
+measured again. Not for the encoders stored latent by latent (crosscoder.py), which sped both paths
+alike (dense 1.07x, sparse 1.05x, AMD EPYC, docs/speed.md): their crossover, and with it every
+cached result, stands."""
 
 COLUMN_BLOCK_BYTES = 4 << 20
 """`column_sums` casts this many bytes of fp32 at a time: within a core's share of the L3 cache."""
