@@ -239,8 +239,7 @@ def _trained_a_while(pair, steps: int = 20):
 
 def _moment(model, opt, name: str, key: str) -> torch.Tensor:
     """Adam's `key` state of the public tensor `name`, in that tensor's layout."""
-    param, transposed = model.stored(name)
-    return opt.state[param][key].T if transposed else opt.state[param][key]
+    return model.as_named(name, opt.state[model.stored(name)][key])
 
 
 def test_resample_restarts_the_moments_of_resampled_latents(pair) -> None:

@@ -101,7 +101,9 @@ def test_encoders_are_stored_latent_by_latent() -> None:
     model = make(seed=0)
     assert model.W_enc_HA.is_contiguous() and model.W_enc_HA.shape == (H, D_A)
     assert model.W_enc_A.shape == (D_A, H) and model.W_enc_A.data_ptr() == model.W_enc_HA.data_ptr()
-    assert model.stored("W_enc_B") == (model.W_enc_HB, True) and model.stored("b_enc") == (model.b_enc, False)
+    assert model.stored("W_enc_B") is model.W_enc_HB and model.stored("b_enc") is model.b_enc
+    assert model.as_named("W_enc_B", model.W_enc_HB).shape == (D_B, H)
+    assert model.as_named("b_enc", model.b_enc) is model.b_enc
     assert torch.equal(model.state_tensors()["W_enc_B"], model.W_enc_HB.detach().T)
 
 

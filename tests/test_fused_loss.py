@@ -25,13 +25,7 @@ def loss_and_grads(model, fn):
     model.zero_grad(set_to_none=True)
     parts = fn()
     parts.total.backward()
-    return parts, {name: grad_of(model, name) for name in cc.PARAM_NAMES}
-
-
-def grad_of(model, name: str) -> torch.Tensor:
-    """The gradient of the public tensor `name` (the encoders are stored transposed)."""
-    param, transposed = model.stored(name)
-    return (param.grad.T if transposed else param.grad).clone()
+    return parts, {name: model.as_named(name, model.stored(name).grad).clone() for name in cc.PARAM_NAMES}
 
 
 @pytest.mark.parametrize("sparse_below", [DENSE, SPARSE], ids=["dense", "sparse"])

@@ -237,16 +237,13 @@ def _optimizer_of_another_layout(checkpoint) -> None:
     """Adam's state of the encoders saved [A, H] (before they were stored latent by latent), hashes fine."""
     path = checkpoint / tr.OPTIMIZER_FILE
     tensors = io.load_tensors(path)
-    enc = [i for i, (name, _) in enumerate(fresh_model_params()) if name == "W_enc_HA"][0]
+    enc = [name for name, _ in crosscoder.build(crosscoder.CrosscoderConfig(d_a=4, d_b=4, dict_size=8))
+           .named_parameters()].index("W_enc_HA")  # its index in the optimizer's state
     io.save_tensors(path, {k: v.T.contiguous() if k.startswith(f"{enc}.") and v.dim() == 2 else v
                            for k, v in tensors.items()})
     state = io.read_json(checkpoint / tr.STATE_FILE)
     state["optimizer_sha256"] = io.file_sha256(path)
     io.write_json(checkpoint / tr.STATE_FILE, state)
-
-
-def fresh_model_params():
-    return list(crosscoder.build(crosscoder.CrosscoderConfig(d_a=4, d_b=4, dict_size=8)).named_parameters())
 
 
 def _no_step(checkpoint) -> None:

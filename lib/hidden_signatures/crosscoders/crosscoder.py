@@ -125,12 +125,16 @@ class Crosscoder(nn.Module):
         """Model B's encoder [B, H]: a view of the stored W_enc_HB."""
         return self.W_enc_HB.T
 
-    def stored(self, name: str) -> tuple[nn.Parameter, bool]:
-        """The parameter that holds the tensor named `name` (PARAM_NAMES), and whether it holds it
-        transposed (the encoders): what an optimizer's state is keyed by and laid out like."""
-        if name in ENCODER_STORAGE:
-            return getattr(self, ENCODER_STORAGE[name]), True
-        return getattr(self, name), False
+    def stored(self, name: str) -> nn.Parameter:
+        """The parameter that holds the tensor named `name` (PARAM_NAMES): what its gradient and an
+        optimizer's state belong to and are laid out like."""
+        return getattr(self, ENCODER_STORAGE.get(name, name))
+
+    @staticmethod
+    def as_named(name: str, t: torch.Tensor) -> torch.Tensor:
+        """`t`, laid out like the parameter `stored(name)` (its gradient, its optimizer state), seen
+        in the layout of the public tensor `name`: a transposed view for the encoders."""
+        return t.T if name in ENCODER_STORAGE else t
 
     # -- the three steps -------------------------------------------------------------
     def pre_acts(self, x_NA: torch.Tensor, x_NB: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,7 @@ def _reset_moments(model: cc_mod.Crosscoder, opt: torch.optim.Optimizer, dead: t
     where = {"W_dec_A": 0, "W_dec_B": 0, "b_enc": 0, "W_enc_A": 1, "W_enc_B": 1}
     live_idx = torch.nonzero(live).flatten()
     for name, dim in where.items():
-        param, transposed = model.stored(name)
-        state = {k: v.T if transposed else v for k, v in opt.state.get(param, {}).items()
+        state = {k: model.as_named(name, v) for k, v in opt.state.get(model.stored(name), {}).items()
                  if k in ("exp_avg", "exp_avg_sq")}  # in `name`'s layout: latents along `dim`
         if "exp_avg" in state:
             state["exp_avg"].index_fill_(dim, dead, 0.0)
